@@ -1,0 +1,275 @@
+//! The Raft log in RocksDB, with group commit.
+//!
+//! `append` writes the entries to RocksDB (WAL, no sync) and hands openraft's flush
+//! callback to a dedicated flusher thread. The flusher takes every callback waiting at that
+//! moment, syncs the WAL once (`flush_wal(true)`), then completes them all: under load many
+//! appends share one fsync, and openraft is told an entry is durable only after the sync
+//! that covers it. Votes, truncations and purges are written with a synced write.
+//!
+//! Column families: `logs` (big-endian index -> versioned bincode of the entry) and `state`
+//! (vote, committed log id, last purged log id).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use drplane_statemachine::codec::{decode, encode};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader, StorageIOError, Vote};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::metrics::Metrics;
+use crate::{any_err, LogId, StorageError, TypeConfig};
+
+const CF_LOGS: &str = "logs";
+const CF_STATE: &str = "state";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"purged";
+
+type Entry = openraft::Entry<TypeConfig>;
+
+/// The RocksDB-backed Raft log store; clones share the same database.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    flush_tx: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Highest committed index this node has learned (u64::MAX = none), for readiness.
+    committed: AtomicU64,
+}
+
+impl LogStore {
+    /// Open (or create) the log store in `path` and start its flusher thread.
+    pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_total_wal_size(64 << 20);
+        let cfs = [CF_LOGS, CF_STATE]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+        let db = Arc::new(db);
+        let (flush_tx, flush_rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(flush_db, flush_rx, metrics))
+            .map_err(|e| StorageIOError::write_logs(any_err(e)))?;
+        let store = LogStore {
+            inner: Arc::new(Inner {
+                db,
+                flush_tx,
+                committed: AtomicU64::new(u64::MAX),
+            }),
+        };
+        if let Some(c) = store.read_state::<LogId>(KEY_COMMITTED)? {
+            store.inner.committed.store(c.index, Ordering::Relaxed);
+        }
+        Ok(store)
+    }
+
+    /// Highest committed index this node has learned, if any.
+    pub fn committed_index(&self) -> Option<u64> {
+        match self.inner.committed.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            i => Some(i),
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.inner.db.cf_handle(name).ok_or_else(|| {
+            StorageIOError::read_logs(openraft::AnyError::error(format!("missing column family {name}"))).into()
+        })
+    }
+
+    fn read_state<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let cf = self.cf(CF_STATE)?;
+        match self.inner.db.get_cf(cf, key).map_err(|e| StorageIOError::read(any_err(e)))? {
+            Some(b) => Ok(Some(decode(&b).map_err(|e| StorageIOError::read(any_err(e)))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.inner.db.write_opt(batch, &wo)
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        self.read_state(KEY_PURGED)
+    }
+}
+
+/// Sync the WAL once for every batch of waiting appends, then tell openraft.
+fn flusher(db: Arc<DB>, rx: std_mpsc::Receiver<LogFlushed<TypeConfig>>, metrics: Arc<Metrics>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let started = Instant::now();
+        let res = db.flush_wal(true);
+        metrics.log_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.log_sync_batch.observe(waiting.len() as f64);
+        match res {
+            Ok(()) => waiting.into_iter().for_each(|cb| cb.log_io_completed(Ok(()))),
+            Err(e) => {
+                tracing::error!(error = %e, "raft log sync failed");
+                for cb in waiting {
+                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = key.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + openraft::OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let cf = self.cf(CF_LOGS)?;
+        let mut out = Vec::new();
+        let iter = self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(&index_key(start), Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+            let Some(index) = key_index(&k) else { break };
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let cf = self.cf(CF_LOGS)?;
+        let last = match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+                Some(entry.log_id)
+            }
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        let cf = self.cf(CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_VOTE, encode(vote).map_err(|e| StorageIOError::write_vote(any_err(e)))?);
+        self.write_synced(batch)
+            .map_err(|e| StorageIOError::write_vote(any_err(e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        self.read_state(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let cf = self.cf(CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        match committed {
+            Some(c) => {
+                batch.put_cf(cf, KEY_COMMITTED, encode(&c).map_err(|e| StorageIOError::write(any_err(e)))?);
+                self.inner.committed.store(c.index, Ordering::Relaxed);
+            }
+            None => batch.delete_cf(cf, KEY_COMMITTED),
+        }
+        // Not synced: the committed index is a hint that speeds up restart; losing its
+        // tail only means re-learning it from the leader.
+        self.inner
+            .db
+            .write(batch)
+            .map_err(|e| StorageIOError::write(any_err(e)).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.read_state(KEY_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let cf = self.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let bytes = encode(&entry).map_err(|e| StorageIOError::write_logs(any_err(e)))?;
+            batch.put_cf(cf, index_key(entry.log_id.index), bytes);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.inner
+            .db
+            .write_opt(batch, &wo)
+            .map_err(|e| StorageIOError::write_logs(any_err(e)))?;
+        self.inner
+            .flush_tx
+            .send(callback)
+            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(format!("log flusher stopped: {e}"))))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let cf = self.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, index_key(log_id.index), index_key(u64::MAX));
+        batch.delete_cf(cf, index_key(u64::MAX));
+        self.write_synced(batch)
+            .map_err(|e| StorageIOError::write_logs(any_err(e)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let logs = self.cf(CF_LOGS)?;
+        let state = self.cf(CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(state, KEY_PURGED, encode(&log_id).map_err(|e| StorageIOError::write_logs(any_err(e)))?);
+        batch.delete_range_cf(logs, index_key(0), index_key(log_id.index.saturating_add(1)));
+        self.write_synced(batch)
+            .map_err(|e| StorageIOError::write_logs(any_err(e)).into())
+    }
+}

@@ -1,0 +1,18 @@
+//! drplane's replicated state machine: domain records, typed commands, validation and a
+//! deterministic `apply` over RocksDB column families.
+//!
+//! Architecture invariant: this crate knows nothing of Raft, the network, HTTP or any API
+//! family's wire format. The Raft adapter hands it commands together with an opaque
+//! "applied meta" blob (the last-applied log id and membership, encoded by the adapter),
+//! and this crate writes both in one RocksDB write batch.
+
+pub mod codec;
+pub mod command;
+pub mod error;
+pub mod model;
+pub mod store;
+
+pub use command::{Command, CommandResult, Proposal, ProposalBatch};
+pub use error::{CommandError, StoreError};
+pub use model::Site;
+pub use store::Store;
