@@ -306,8 +306,11 @@ async fn create_site(
     };
     match propose(&st, &headers, command).await? {
         Outcome::Site(site) => {
-            let location = HeaderValue::from_str(&format!("/drplane/v1/sites/{}", site.name))
-                .map_err(|e| ApiError::internal(format!("site name not a header value: {e}")))?;
+            let location = HeaderValue::from_str(&format!(
+                "/drplane/v1/sites/{}",
+                site.name.replace('/', "%2F")
+            ))
+            .map_err(|e| ApiError::internal(format!("site name not a header value: {e}")))?;
             Ok((
                 StatusCode::CREATED,
                 [(header::LOCATION, location)],

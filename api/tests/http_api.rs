@@ -661,3 +661,17 @@ async fn internal_errors_are_500_without_leaking_detail() {
     assert_error(&a, 500, "DRP-5001");
     assert!(!a.text().contains("/srv/x"), "{}", a.text());
 }
+
+#[tokio::test]
+async fn hierarchical_site_names_round_trip_with_an_encoded_slash() {
+    let (_cp, r) = setup();
+    let a = post_json(&r, "/drplane/v1/sites", r#"{"name":"eu/west/dc1"}"#).await;
+    assert_eq!(a.status, 201, "{}", a.text());
+    let location = a.header("location").expect("location");
+    assert_eq!(location, "/drplane/v1/sites/eu%2Fwest%2Fdc1");
+    let b = get(&r, &location).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(b.json()["name"], "eu/west/dc1");
+    let c = post_json(&r, "/drplane/v1/sites", r#"{"name":"eu//dc1"}"#).await;
+    assert_eq!(c.status, 400, "{}", c.text());
+}

@@ -16,8 +16,13 @@ use crate::model::{Site, SITE_DESCRIPTION_MAX, SITE_NAME_MAX};
 pub enum Command {
     /// Does nothing; used as a write barrier and by benchmarks of the bare path.
     Noop,
-    CreateSite { name: String, description: String },
-    DeleteSite { name: String },
+    CreateSite {
+        name: String,
+        description: String,
+    },
+    DeleteSite {
+        name: String,
+    },
 }
 
 impl Command {
@@ -50,8 +55,9 @@ impl Command {
     }
 }
 
-/// Site names: 1 to 63 characters of ASCII letters, digits, `.`, `_` and `-`,
-/// starting with a letter or digit.
+/// Site names: 1 to 63 characters of ASCII letters, digits, `.`, `_`, `-` and `/`
+/// (for hierarchical names such as `eu/west/dc1`), starting and ending with a letter or
+/// digit, with no empty `/` segment.
 pub fn validate_site_name(name: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > SITE_NAME_MAX {
         return Err(CommandError::invalid(
@@ -59,12 +65,24 @@ pub fn validate_site_name(name: &str) -> Result<(), CommandError> {
             format!("must be 1 to {SITE_NAME_MAX} characters"),
         ));
     }
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if !first_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let last_ok = name
+        .chars()
+        .last()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok
+        || !last_ok
+        || name.contains("//")
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+    {
         return Err(CommandError::invalid(
             "name",
-            "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+            "use letters, digits, '.', '_', '-' and '/', starting and ending with a letter or digit",
         ));
     }
     Ok(())
@@ -106,6 +124,11 @@ mod tests {
         assert!(validate_site_name("").is_err());
         assert!(validate_site_name("-lead").is_err());
         assert!(validate_site_name("has space").is_err());
+        assert!(validate_site_name("eu/west/dc1").is_ok());
+        assert!(validate_site_name("bench/run1-c256/t1/42").is_ok());
+        assert!(validate_site_name("a//b").is_err());
+        assert!(validate_site_name("a/").is_err());
+        assert!(validate_site_name("/a").is_err());
         assert!(validate_site_name(&"x".repeat(64)).is_err());
         assert!(validate_site_name(&"x".repeat(63)).is_ok());
     }
@@ -121,6 +144,9 @@ mod tests {
             name: "a".into(),
             description: "d".repeat(SITE_DESCRIPTION_MAX + 1),
         };
-        assert!(matches!(too_long.validate(), Err(CommandError::Invalid { .. })));
+        assert!(matches!(
+            too_long.validate(),
+            Err(CommandError::Invalid { .. })
+        ));
     }
 }

@@ -46,7 +46,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -268,7 +270,11 @@ fn time_key(time_ms: u64, id: &str) -> Vec<u8> {
 /// The deterministic heart: validates against current state and stages the changes.
 /// `Err(StoreError)` is a store failure (fatal for the node); a refused command is
 /// `Ok(Err(CommandError))`.
-fn apply_command(txn: &mut Txn<'_>, command: &Command, now: u64) -> Result<CommandResult, StoreError> {
+fn apply_command(
+    txn: &mut Txn<'_>,
+    command: &Command,
+    now: u64,
+) -> Result<CommandResult, StoreError> {
     if let Err(e) = command.validate() {
         return Ok(Err(e));
     }
@@ -331,13 +337,30 @@ mod tests {
     fn create_read_your_writes_within_an_entry() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let b = batch(1000, vec![(None, create("a")), (None, create("a")), (None, create("b"))]);
+        let b = batch(
+            1000,
+            vec![
+                (None, create("a")),
+                (None, create("a")),
+                (None, create("b")),
+            ],
+        );
         let res = store.apply_entry(Some(&b), b"m1").expect("apply");
-        assert!(matches!(res[0], Ok(Outcome::Site(ref s)) if s.name == "a" && s.created_at_ms == 1000));
+        assert!(
+            matches!(res[0], Ok(Outcome::Site(ref s)) if s.name == "a" && s.created_at_ms == 1000)
+        );
         assert!(matches!(res[1], Err(CommandError::AlreadyExists { .. })));
         assert!(res[2].is_ok());
-        assert_eq!(store.applied_meta().expect("meta").as_deref(), Some(&b"m1"[..]));
-        let names: Vec<_> = store.list_sites().expect("list").into_iter().map(|s| s.name).collect();
+        assert_eq!(
+            store.applied_meta().expect("meta").as_deref(),
+            Some(&b"m1"[..])
+        );
+        let names: Vec<_> = store
+            .list_sites()
+            .expect("list")
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(names, vec!["a", "b"]);
     }
 
@@ -369,7 +392,13 @@ mod tests {
             .expect("apply");
         // r1 has expired: the same id is now a new request and is refused by state.
         let res = store
-            .apply_entry(Some(&batch(REQUEST_ID_RETENTION_MS + 5, vec![(Some("r1"), create("a"))])), b"m")
+            .apply_entry(
+                Some(&batch(
+                    REQUEST_ID_RETENTION_MS + 5,
+                    vec![(Some("r1"), create("a"))],
+                )),
+                b"m",
+            )
             .expect("apply");
         assert!(matches!(res[0], Err(CommandError::AlreadyExists { .. })));
     }
@@ -380,16 +409,27 @@ mod tests {
         let b = tempfile::tempdir().expect("tempdir");
         let src = Store::open(a.path()).expect("open");
         let dst = Store::open(b.path()).expect("open");
-        src.apply_entry(Some(&batch(1, vec![(None, create("x")), (None, create("y"))])), b"src")
-            .expect("apply");
+        src.apply_entry(
+            Some(&batch(1, vec![(None, create("x")), (None, create("y"))])),
+            b"src",
+        )
+        .expect("apply");
         dst.apply_entry(Some(&batch(1, vec![(None, create("stale"))])), b"dst")
             .expect("apply");
         let (data, meta) = src.export_snapshot().expect("export");
         assert_eq!(meta.as_deref(), Some(&b"src"[..]));
         dst.install_snapshot(&data, b"installed").expect("install");
-        let names: Vec<_> = dst.list_sites().expect("list").into_iter().map(|s| s.name).collect();
+        let names: Vec<_> = dst
+            .list_sites()
+            .expect("list")
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(names, vec!["x", "y"]);
-        assert_eq!(dst.applied_meta().expect("meta").as_deref(), Some(&b"installed"[..]));
+        assert_eq!(
+            dst.applied_meta().expect("meta").as_deref(),
+            Some(&b"installed"[..])
+        );
         assert!(dst.install_snapshot(b"\x01garbage", b"m").is_err());
     }
 
@@ -398,10 +438,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store.apply_entry(Some(&batch(1, vec![(None, create("p"))])), b"m7").expect("apply");
+            store
+                .apply_entry(Some(&batch(1, vec![(None, create("p"))])), b"m7")
+                .expect("apply");
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert!(store.get_site("p").expect("get").is_some());
-        assert_eq!(store.applied_meta().expect("meta").as_deref(), Some(&b"m7"[..]));
+        assert_eq!(
+            store.applied_meta().expect("meta").as_deref(),
+            Some(&b"m7"[..])
+        );
     }
 }
