@@ -8,11 +8,13 @@
 
 pub mod codec;
 pub mod command;
+pub mod domain;
 pub mod error;
 pub mod model;
 pub mod store;
+pub mod txn;
 
-pub use command::{Command, CommandResult, Proposal, ProposalBatch};
+pub use command::{Command, CommandResult, Outcome, Proposal, ProposalBatch};
 pub use error::{CommandError, StoreError};
 pub use model::Site;
 pub use store::Store;

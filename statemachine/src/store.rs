@@ -10,23 +10,30 @@
 //! Each log entry is applied in one `WriteBatch` that also carries the applied meta of that
 //! entry, so a crash at any instant leaves the store at some entry boundary, never between.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::txn::Txn;
 
 use crate::codec::{decode, encode};
 use crate::command::{Command, CommandResult, Outcome, ProposalBatch};
 use crate::error::{CommandError, StoreError};
 use crate::model::Site;
 
-const CF_META: &str = "meta";
-const CF_SITES: &str = "sites";
-const CF_REQUESTS: &str = "requests";
-const CF_REQUESTS_BY_TIME: &str = "requests_by_time";
-/// Every column family, in snapshot order. The index is the CF's tag in a snapshot.
-const ALL_CFS: [&str; 4] = [CF_META, CF_SITES, CF_REQUESTS, CF_REQUESTS_BY_TIME];
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_SITES: &str = "sites";
+pub(crate) const CF_REQUESTS: &str = "requests";
+pub(crate) const CF_REQUESTS_BY_TIME: &str = "requests_by_time";
+/// Every column family, in snapshot order. The index is the CF's tag in a snapshot:
+/// append new families at the end, never reorder. Domain modules own their families
+/// (e.g. `crate::identity::CFS`) and are listed here once.
+pub(crate) fn all_cfs() -> Vec<&'static str> {
+    let mut cfs = vec![CF_META, CF_SITES, CF_REQUESTS, CF_REQUESTS_BY_TIME];
+    cfs.extend_from_slice(crate::domain::EXTRA_CFS);
+    cfs
+}
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_CLOCK: &[u8] = b"clock";
@@ -41,7 +48,7 @@ pub const REQUEST_ID_MAX: usize = 128;
 /// A handle to the state machine store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<DB>,
+    pub(crate) db: Arc<DB>,
 }
 
 impl std::fmt::Debug for Store {
@@ -52,48 +59,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// The pending writes of one entry, with read-your-writes for point lookups.
-struct Txn<'a> {
-    db: &'a DB,
-    batch: WriteBatch,
-    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
-}
-
-impl<'a> Txn<'a> {
-    fn new(db: &'a DB) -> Self {
-        Txn {
-            db,
-            batch: WriteBatch::default(),
-            overlay: HashMap::new(),
-        }
-    }
-
-    fn cf(&self, name: &'static str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or(StoreError::MissingColumnFamily(name))
-    }
-
-    fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.overlay.get(&(cf, key.to_vec())) {
-            return Ok(v.clone());
-        }
-        Ok(self.db.get_cf(self.cf(cf)?, key)?)
-    }
-
-    fn put(&mut self, cf: &'static str, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.put_cf(self.cf(cf)?, key, &value);
-        self.overlay.insert((cf, key.to_vec()), Some(value));
-        Ok(())
-    }
-
-    fn delete(&mut self, cf: &'static str, key: &[u8]) -> Result<(), StoreError> {
-        self.batch.delete_cf(self.cf(cf)?, key);
-        self.overlay.insert((cf, key.to_vec()), None);
-        Ok(())
-    }
-}
-
 impl Store {
     /// Open (or create) the store in `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -101,9 +66,9 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_total_wal_size(64 << 20);
-        let cfs = ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let cfs = all_cfs()
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Ok(Store { db: Arc::new(db) })
     }
@@ -167,7 +132,7 @@ impl Store {
         // Durability comes from the Raft log, which is synced; a lost tail of the state
         // machine is re-applied from the log. `flush_durable` syncs before log purges.
         wo.set_sync(false);
-        self.db.write_opt(txn.batch, &wo)?;
+        self.db.write_opt(txn.into_batch(), &wo)?;
         Ok(results)
     }
 
@@ -207,7 +172,7 @@ impl Store {
         let snap = self.db.snapshot();
         let meta = snap.get_cf(self.cf(CF_META)?, KEY_APPLIED)?;
         let mut entries: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
-        for (tag, name) in ALL_CFS.iter().enumerate() {
+        for (tag, name) in all_cfs().into_iter().enumerate() {
             let cf = self.cf(name)?;
             for item in snap.iterator_cf(cf, IteratorMode::Start) {
                 let (k, v) = item?;
@@ -222,7 +187,8 @@ impl Store {
     pub fn install_snapshot(&self, data: &[u8], meta: &[u8]) -> Result<(), StoreError> {
         let entries: Vec<(u8, Vec<u8>, Vec<u8>)> = decode(data)?;
         let mut batch = WriteBatch::default();
-        for name in ALL_CFS {
+        let cfs = all_cfs();
+        for name in cfs.iter().copied() {
             let cf = self.cf(name)?;
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {
                 let (k, _) = item?;
@@ -230,7 +196,7 @@ impl Store {
             }
         }
         for (tag, k, v) in entries {
-            let name = ALL_CFS
+            let name = cfs
                 .get(tag as usize)
                 .ok_or_else(|| StoreError::Snapshot(format!("unknown column family tag {tag}")))?;
             batch.put_cf(self.cf(name)?, k, v);
@@ -240,6 +206,39 @@ impl Store {
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
         Ok(())
+    }
+
+    /// Read and decode one record (for domain modules' read methods).
+    pub fn get_record<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.db.get_cf(self.cf(cf)?, key)? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record whose key starts with `prefix`, in key order, decoded.
+    pub fn scan_prefix<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let handle = self.cf(cf)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            handle,
+            IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), decode(&v)?));
+        }
+        Ok(out)
     }
 
     pub fn get_site(&self, name: &str) -> Result<Option<Site>, StoreError> {
