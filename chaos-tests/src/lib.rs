@@ -130,7 +130,11 @@ impl Cluster {
         for id in c.ids().into_iter().skip(1) {
             c.add_member(1, id).await?;
             let r = c
-                .post(1, &format!("/drplane/v1/cluster/members/{id}/promote"), &Value::Null)
+                .post(
+                    1,
+                    &format!("/drplane/v1/cluster/members/{id}/promote"),
+                    &Value::Null,
+                )
                 .await?;
             if r.status != 200 {
                 bail!("promote {id} failed: {} {}", r.status, r.text);
@@ -154,7 +158,10 @@ impl Cluster {
     }
 
     pub fn url(&self, id: u64) -> String {
-        self.nodes.get(&id).map(|n| n.spec.url()).unwrap_or_default()
+        self.nodes
+            .get(&id)
+            .map(|n| n.spec.url())
+            .unwrap_or_default()
     }
 
     /// Define and start a new node (not yet a member).
@@ -183,7 +190,8 @@ impl Cluster {
     /// Ask node `via` to add node `id` as a learner.
     pub async fn add_member(&self, via: u64, id: u64) -> anyhow::Result<Reply> {
         let spec = self.spec(id)?;
-        let body = serde_json::json!({"id": id, "site": spec.site, "http": spec.http, "raft": spec.raft});
+        let body =
+            serde_json::json!({"id": id, "site": spec.site, "http": spec.http, "raft": spec.raft});
         let r = self.post(via, "/drplane/v1/cluster/members", &body).await?;
         if r.status != 201 {
             bail!("add member {id} failed: {} {}", r.status, r.text);
@@ -193,7 +201,10 @@ impl Cluster {
 
     /// SIGKILL a node (no chance to flush anything).
     pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
         if let Some(mut c) = node.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -203,7 +214,10 @@ impl Cluster {
 
     /// SIGTERM a node and wait for it to exit.
     pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
         if let Some(mut c) = node.child.take() {
             signal(c.id(), "TERM")?;
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -222,18 +236,29 @@ impl Cluster {
 
     /// SIGSTOP / SIGCONT a node.
     pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
-        let pid = self.nodes.get(&id).and_then(|n| n.pid()).ok_or_else(|| anyhow!("node {id} not running"))?;
+        let pid = self
+            .nodes
+            .get(&id)
+            .and_then(|n| n.pid())
+            .ok_or_else(|| anyhow!("node {id} not running"))?;
         signal(pid, "STOP")
     }
 
     pub fn resume(&mut self, id: u64) -> anyhow::Result<()> {
-        let pid = self.nodes.get(&id).and_then(|n| n.pid()).ok_or_else(|| anyhow!("node {id} not running"))?;
+        let pid = self
+            .nodes
+            .get(&id)
+            .and_then(|n| n.pid())
+            .ok_or_else(|| anyhow!("node {id} not running"))?;
         signal(pid, "CONT")
     }
 
     /// Start a stopped or killed node again with the same identity and data.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
         if node.is_running() {
             bail!("node {id} is still running");
         }
@@ -247,7 +272,9 @@ impl Cluster {
 
     /// The last `n` lines of a node's log, for failure messages.
     pub fn log_tail(&self, id: u64, n: usize) -> String {
-        let Some(node) = self.nodes.get(&id) else { return String::new() };
+        let Some(node) = self.nodes.get(&id) else {
+            return String::new();
+        };
         let text = std::fs::read_to_string(&node.spec.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
@@ -268,7 +295,9 @@ impl Cluster {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
-        let mut req = self.http.request(method, format!("{}{}", self.url(id), path));
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.url(id), path));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -282,11 +311,13 @@ impl Cluster {
     }
 
     pub async fn get(&self, id: u64, path: &str) -> anyhow::Result<Reply> {
-        self.request(id, reqwest::Method::GET, path, None, &[]).await
+        self.request(id, reqwest::Method::GET, path, None, &[])
+            .await
     }
 
     pub async fn post(&self, id: u64, path: &str, body: &Value) -> anyhow::Result<Reply> {
-        self.request(id, reqwest::Method::POST, path, Some(body), &[]).await
+        self.request(id, reqwest::Method::POST, path, Some(body), &[])
+            .await
     }
 
     pub async fn wait_live(&mut self, id: u64, timeout: Duration) -> anyhow::Result<()> {
@@ -301,7 +332,10 @@ impl Cluster {
                 bail!("node {id} exited:\n{}", self.log_tail(id, 30));
             }
             if Instant::now() > deadline {
-                bail!("node {id} not live within {timeout:?}:\n{}", self.log_tail(id, 30));
+                bail!(
+                    "node {id} not live within {timeout:?}:\n{}",
+                    self.log_tail(id, 30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -319,7 +353,10 @@ impl Cluster {
                 bail!("node {id} exited:\n{}", self.log_tail(id, 30));
             }
             if Instant::now() > deadline {
-                bail!("node {id} not ready within {timeout:?}:\n{}", self.log_tail(id, 30));
+                bail!(
+                    "node {id} not ready within {timeout:?}:\n{}",
+                    self.log_tail(id, 30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -423,7 +460,10 @@ fn spawn(spec: &NodeSpec) -> anyhow::Result<Child> {
         .arg("--data")
         .arg(&spec.data)
         .args(&spec.extra_args)
-        .env("DRPLANE_LOG", std::env::var("DRPLANE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+        .env(
+            "DRPLANE_LOG",
+            std::env::var("DRPLANE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);

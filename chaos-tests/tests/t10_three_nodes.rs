@@ -9,18 +9,34 @@ use serde_json::json;
 
 /// Slightly slower elections than production defaults: several clusters share two cores
 /// in CI, and a debug build under load must not see spurious elections.
-const TIMING: &[&str] = &["--heartbeat-ms", "60", "--election-min-ms", "300", "--election-max-ms", "600"];
+const TIMING: &[&str] = &[
+    "--heartbeat-ms",
+    "60",
+    "--election-min-ms",
+    "300",
+    "--election-max-ms",
+    "600",
+];
 
 async fn create_site(c: &Cluster, via: u64, name: &str) -> anyhow::Result<chaos_tests::Reply> {
-    c.post(via, "/drplane/v1/sites", &json!({"name": name, "description": format!("site {name}")}))
-        .await
+    c.post(
+        via,
+        "/drplane/v1/sites",
+        &json!({"name": name, "description": format!("site {name}")}),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn write_via_follower_read_everywhere_survive_leader_loss_and_replay_log() -> anyhow::Result<()> {
+async fn write_via_follower_read_everywhere_survive_leader_loss_and_replay_log(
+) -> anyhow::Result<()> {
     let mut c = Cluster::start(&["site-a", "site-b", "site-c"], TIMING).await?;
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
-    let follower = c.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
 
     // Write through a follower: forwarded to the leader, answered by the follower.
     let r = create_site(&c, follower, "dc-east").await?;
@@ -45,18 +61,32 @@ async fn write_via_follower_read_everywhere_survive_leader_loss_and_replay_log()
     // Kill the leader; a write through a survivor is acknowledged within 2 s.
     c.kill(leader)?;
     let killed_at = Instant::now();
-    let survivor = c.ids().into_iter().find(|id| *id != leader).expect("survivor");
+    let survivor = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("survivor");
     let acked = loop {
         let r = create_site(&c, survivor, "after-kill").await?;
         if r.status == 201 {
             break killed_at.elapsed();
         }
-        assert_eq!(r.status, 503, "only 503 is acceptable while electing: {}", r.text);
+        assert_eq!(
+            r.status, 503,
+            "only 503 is acceptable while electing: {}",
+            r.text
+        );
         assert!(r.retry_after.is_some(), "503 must carry Retry-After");
-        assert!(killed_at.elapsed() < Duration::from_secs(10), "no leader after 10 s");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no leader after 10 s"
+        );
     };
     eprintln!("leader kill -> acknowledged write: {acked:?}");
-    assert!(acked < Duration::from_secs(2), "write acknowledged only after {acked:?}");
+    assert!(
+        acked < Duration::from_secs(2),
+        "write acknowledged only after {acked:?}"
+    );
 
     // More writes while the old leader is down, then restart it: it replays and catches up.
     for i in 0..20 {
@@ -72,7 +102,10 @@ async fn write_via_follower_read_everywhere_survive_leader_loss_and_replay_log()
         if got == expected {
             break;
         }
-        assert!(Instant::now() < deadline, "restarted node has {got:?}, want {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "restarted node has {got:?}, want {expected:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(expected.contains(&"after-kill".to_string()));
@@ -90,7 +123,11 @@ async fn restarted_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()
     args.extend(["--snapshot-logs", "20", "--keep-logs", "5"]);
     let mut c = Cluster::start(&["site-a", "site-b", "site-c"], &args).await?;
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
-    let lagging = c.ids().into_iter().find(|id| *id != leader).expect("follower");
+    let lagging = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("follower");
     c.stop(lagging)?;
     for i in 0..120 {
         let r = create_site(&c, leader, &format!("s-{i:03}")).await?;
@@ -101,14 +138,23 @@ async fn restarted_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()
     c.restart(lagging)?;
     c.wait_ready(lagging, Duration::from_secs(30)).await?;
     let expected = c.site_names(leader, "linearizable").await?;
-    assert_eq!(expected.len(), 123, "120 written + 3 node sites: {expected:?}");
+    assert_eq!(
+        expected.len(),
+        123,
+        "120 written + 3 node sites: {expected:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let got = c.site_names(lagging, "stale").await?;
         if got == expected {
             break;
         }
-        assert!(Instant::now() < deadline, "lagging node has {} of {}", got.len(), expected.len());
+        assert!(
+            Instant::now() < deadline,
+            "lagging node has {} of {}",
+            got.len(),
+            expected.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(

@@ -15,7 +15,14 @@ use chaos_tests::Cluster;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-const TIMING: &[&str] = &["--heartbeat-ms", "60", "--election-min-ms", "300", "--election-max-ms", "600"];
+const TIMING: &[&str] = &[
+    "--heartbeat-ms",
+    "60",
+    "--election-min-ms",
+    "300",
+    "--election-max-ms",
+    "600",
+];
 
 fn name(i: u64) -> String {
     format!("w-{i:05}")
@@ -99,20 +106,29 @@ async fn killed_nodes_restart_with_a_prefix_and_lose_nothing_acknowledged() -> a
         c.wait_live(victim, Duration::from_secs(20)).await?;
         // Before it rejoins: whatever it holds is a prefix of the history.
         let names = c.site_names(victim, "stale").await?;
-        let k = prefix_len(&names).map_err(|e| anyhow::anyhow!("round {round}, node {victim}: {e}"))?;
-        eprintln!("round {round}: killed node {victim} with {acked_at_kill} acked; restarted holding {k}");
+        let k =
+            prefix_len(&names).map_err(|e| anyhow::anyhow!("round {round}, node {victim}: {e}"))?;
+        eprintln!(
+            "round {round}: killed node {victim} with {acked_at_kill} acked; restarted holding {k}"
+        );
         c.wait_ready(victim, Duration::from_secs(30)).await?;
     }
     stop.store(true, Ordering::Relaxed);
     let written = writer.await??;
-    assert!(written >= 10, "the writer made too little progress: {written}");
+    assert!(
+        written >= 10,
+        "the writer made too little progress: {written}"
+    );
 
     // Every node converges on the same prefix, holding every acknowledged write.
     let acked = acked.load(Ordering::Relaxed);
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
     let want = c.site_names(leader, "linearizable").await?;
     let k = prefix_len(&want).map_err(|e| anyhow::anyhow!("leader: {e}"))?;
-    assert!(k >= acked, "acknowledged {acked} writes but the cluster holds {k}");
+    assert!(
+        k >= acked,
+        "acknowledged {acked} writes but the cluster holds {k}"
+    );
     for id in c.ids() {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -120,7 +136,12 @@ async fn killed_nodes_restart_with_a_prefix_and_lose_nothing_acknowledged() -> a
             if got == want {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {id} holds {} of {}", got.len(), want.len());
+            assert!(
+                Instant::now() < deadline,
+                "node {id} holds {} of {}",
+                got.len(),
+                want.len()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -7,7 +7,14 @@ use std::time::{Duration, Instant};
 use chaos_tests::{cli, Cluster};
 use serde_json::{json, Value};
 
-const TIMING: &[&str] = &["--heartbeat-ms", "60", "--election-min-ms", "300", "--election-max-ms", "600"];
+const TIMING: &[&str] = &[
+    "--heartbeat-ms",
+    "60",
+    "--election-min-ms",
+    "300",
+    "--election-max-ms",
+    "600",
+];
 
 fn members(json_text: &str) -> anyhow::Result<Vec<Value>> {
     let v: Value = serde_json::from_str(json_text)?;
@@ -35,7 +42,17 @@ async fn add_promote_remove_with_the_site_majority_rule() -> anyhow::Result<()> 
     let spec = c.spec(4)?.clone();
 
     let (ok, out, err) = cli(&[
-        "cluster", "add", "--endpoint", &endpoint, "--id", "4", "--site", "site-a", "--http", &spec.http, "--raft",
+        "cluster",
+        "add",
+        "--endpoint",
+        &endpoint,
+        "--id",
+        "4",
+        "--site",
+        "site-a",
+        "--http",
+        &spec.http,
+        "--raft",
         &spec.raft,
     ])?;
     assert!(ok, "add failed: {out}{err}");
@@ -47,7 +64,9 @@ async fn add_promote_remove_with_the_site_majority_rule() -> anyhow::Result<()> 
 
     // The learner catches up and serves reads.
     c.wait_ready(4, Duration::from_secs(20)).await?;
-    let r = c.post(1, "/drplane/v1/sites", &json!({"name": "m1"})).await?;
+    let r = c
+        .post(1, "/drplane/v1/sites", &json!({"name": "m1"}))
+        .await?;
     assert_eq!(r.status, 201, "{}", r.text);
     let r = c.get(4, "/drplane/v1/sites/m1").await?;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -56,18 +75,35 @@ async fn add_promote_remove_with_the_site_majority_rule() -> anyhow::Result<()> 
     let (ok, out, err) = cli(&["cluster", "promote", "--endpoint", &endpoint, "--id", "4"])?;
     assert!(ok, "promote failed: {out}{err}");
     let (_, out, _) = cli(&["cluster", "members", "--endpoint", &endpoint, "-o", "json"])?;
-    assert_eq!(role_of(&members(&out)?, 4).as_deref(), Some("voter"), "{out}");
+    assert_eq!(
+        role_of(&members(&out)?, 4).as_deref(),
+        Some("voter"),
+        "{out}"
+    );
 
     // Removing node 2 (site-b) would leave site-a with 2 of 3 voters: refused.
     let (ok, out, err) = cli(&["cluster", "remove", "--endpoint", &c.url(3), "--id", "2"])?;
     assert!(!ok, "remove must be refused: {out}");
-    assert!(err.contains("site-a") && err.contains("force"), "the refusal names the site and --force: {err}");
+    assert!(
+        err.contains("site-a") && err.contains("force"),
+        "the refusal names the site and --force: {err}"
+    );
     let (_, out, _) = cli(&["cluster", "members", "--endpoint", &endpoint, "-o", "json"])?;
-    assert_eq!(role_of(&members(&out)?, 2).as_deref(), Some("voter"), "nothing changed: {out}");
+    assert_eq!(
+        role_of(&members(&out)?, 2).as_deref(),
+        Some("voter"),
+        "nothing changed: {out}"
+    );
 
     // The same refusal over HTTP is a 409 in the native error shape.
     let r = c
-        .request(1, reqwest::Method::DELETE, "/drplane/v1/cluster/members/2", None, &[])
+        .request(
+            1,
+            reqwest::Method::DELETE,
+            "/drplane/v1/cluster/members/2",
+            None,
+            &[],
+        )
         .await?;
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.body["error"]["code"].is_string(), "{}", r.text);
@@ -77,7 +113,15 @@ async fn add_promote_remove_with_the_site_majority_rule() -> anyhow::Result<()> 
     assert!(!ok && err.contains("site-a"), "{err}");
 
     // --force allows it.
-    let (ok, out, err) = cli(&["cluster", "remove", "--endpoint", &c.url(3), "--id", "2", "--force"])?;
+    let (ok, out, err) = cli(&[
+        "cluster",
+        "remove",
+        "--endpoint",
+        &c.url(3),
+        "--id",
+        "2",
+        "--force",
+    ])?;
     assert!(ok, "forced remove failed: {out}{err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -92,13 +136,17 @@ async fn add_promote_remove_with_the_site_majority_rule() -> anyhow::Result<()> 
     }
     // The cluster without node 2 still takes writes.
     c.stop(2)?;
-    let r = c.post(4, "/drplane/v1/sites", &json!({"name": "after-remove"})).await?;
+    let r = c
+        .post(4, "/drplane/v1/sites", &json!({"name": "after-remove"}))
+        .await?;
     assert_eq!(r.status, 201, "{}", r.text);
 
     // Unknown members and bad ids are clear errors.
     let (ok, _, err) = cli(&["cluster", "promote", "--endpoint", &c.url(1), "--id", "99"])?;
     assert!(!ok && err.contains("99"), "{err}");
-    let r = c.post(1, "/drplane/v1/cluster/members/abc/promote", &Value::Null).await?;
+    let r = c
+        .post(1, "/drplane/v1/cluster/members/abc/promote", &Value::Null)
+        .await?;
     assert_eq!(r.status, 400, "{}", r.text);
     // Initializing a member again is refused.
     let (ok, _, err) = cli(&["cluster", "init", "--endpoint", &c.url(1)])?;

@@ -7,17 +7,32 @@ use chaos_tests::Cluster;
 use serde_json::{json, Value};
 
 const TIMING: &[&str] = &[
-    "--heartbeat-ms", "60", "--election-min-ms", "300", "--election-max-ms", "600", "--request-timeout-ms", "3000",
+    "--heartbeat-ms",
+    "60",
+    "--election-min-ms",
+    "300",
+    "--election-max-ms",
+    "600",
+    "--request-timeout-ms",
+    "3000",
 ];
 
 fn assert_json_error(r: &chaos_tests::Reply, status: u16) {
     assert_eq!(r.status, status, "{}", r.text);
     assert!(
-        r.body["error"]["code"].as_str().is_some_and(|c| c.starts_with("DRP-")),
+        r.body["error"]["code"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("DRP-")),
         "native error shape expected: {}",
         r.text
     );
-    assert!(r.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", r.text);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        r.text
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +47,12 @@ async fn bad_input_gets_json_4xx_and_no_quorum_gets_503() -> anyhow::Result<()> 
         let http = c.http.clone();
         let url = url.clone();
         async move {
-            let r = http.post(url).header("content-type", ct).body(body).send().await?;
+            let r = http
+                .post(url)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await?;
             let status = r.status().as_u16();
             let text = r.text().await?;
             Ok::<_, anyhow::Error>(chaos_tests::Reply {
@@ -46,22 +66,52 @@ async fn bad_input_gets_json_4xx_and_no_quorum_gets_503() -> anyhow::Result<()> 
     };
     assert_json_error(&raw("{\"name\": ", "application/json").await?, 400);
     assert_json_error(&raw("{\"name\": 5}", "application/json").await?, 400);
-    assert_json_error(&raw("{\"name\": \"a\", \"colour\": \"red\"}", "application/json").await?, 400);
-    assert_json_error(&raw("{\"description\": \"no name\"}", "application/json").await?, 400);
-    assert_json_error(&raw("name=a", "application/x-www-form-urlencoded").await?, 415);
-    assert_json_error(&c.post(follower, "/drplane/v1/sites", &json!({"name": "bad name!"})).await?, 400);
+    assert_json_error(
+        &raw("{\"name\": \"a\", \"colour\": \"red\"}", "application/json").await?,
+        400,
+    );
+    assert_json_error(
+        &raw("{\"description\": \"no name\"}", "application/json").await?,
+        400,
+    );
+    assert_json_error(
+        &raw("name=a", "application/x-www-form-urlencoded").await?,
+        415,
+    );
+    assert_json_error(
+        &c.post(follower, "/drplane/v1/sites", &json!({"name": "bad name!"}))
+            .await?,
+        400,
+    );
     let big = json!({"name": "big", "description": "x".repeat(2 << 20)});
     assert_json_error(&c.post(follower, "/drplane/v1/sites", &big).await?, 413);
     assert_json_error(&c.get(follower, "/drplane/v1/nothing-here").await?, 404);
     assert_json_error(
-        &c.request(follower, reqwest::Method::PATCH, "/drplane/v1/sites", None, &[]).await?,
+        &c.request(
+            follower,
+            reqwest::Method::PATCH,
+            "/drplane/v1/sites",
+            None,
+            &[],
+        )
+        .await?,
         405,
     );
-    assert_json_error(&c.get(follower, "/drplane/v1/sites?consistency=sometimes").await?, 400);
+    assert_json_error(
+        &c.get(follower, "/drplane/v1/sites?consistency=sometimes")
+            .await?,
+        400,
+    );
     assert_json_error(&c.get(follower, "/drplane/v1/sites/nope").await?, 404);
-    let r = c.post(follower, "/drplane/v1/sites", &json!({"name": "twice"})).await?;
+    let r = c
+        .post(follower, "/drplane/v1/sites", &json!({"name": "twice"}))
+        .await?;
     assert_eq!(r.status, 201, "{}", r.text);
-    assert_json_error(&c.post(follower, "/drplane/v1/sites", &json!({"name": "twice"})).await?, 409);
+    assert_json_error(
+        &c.post(follower, "/drplane/v1/sites", &json!({"name": "twice"}))
+            .await?,
+        409,
+    );
     // The node is still healthy after all of that.
     let r = c.get(follower, "/livez").await?;
     assert_eq!(r.status, 200);
@@ -74,17 +124,24 @@ async fn bad_input_gets_json_4xx_and_no_quorum_gets_503() -> anyhow::Result<()> 
         }
     }
     let started = Instant::now();
-    let r = c.post(survivor, "/drplane/v1/sites", &json!({"name": "no-quorum"})).await?;
+    let r = c
+        .post(survivor, "/drplane/v1/sites", &json!({"name": "no-quorum"}))
+        .await?;
     let took = started.elapsed();
     assert_json_error(&r, 503);
     assert!(r.retry_after.is_some(), "503 must carry Retry-After");
-    assert!(took < Duration::from_secs(8), "answered only after {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "answered only after {took:?}"
+    );
     let started = Instant::now();
     let r = c.get(survivor, "/drplane/v1/sites").await?;
     assert_json_error(&r, 503);
     assert!(started.elapsed() < Duration::from_secs(8));
     // Stale reads still work on the survivor.
-    let r = c.get(survivor, "/drplane/v1/sites/twice?consistency=stale").await?;
+    let r = c
+        .get(survivor, "/drplane/v1/sites/twice?consistency=stale")
+        .await?;
     assert_eq!(r.status, 200, "{}", r.text);
     // And it is not ready.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -93,7 +150,11 @@ async fn bad_input_gets_json_4xx_and_no_quorum_gets_503() -> anyhow::Result<()> 
         if r.status == 503 {
             break;
         }
-        assert!(Instant::now() < deadline, "survivor still claims ready: {}", r.text);
+        assert!(
+            Instant::now() < deadline,
+            "survivor still claims ready: {}",
+            r.text
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())

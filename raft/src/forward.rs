@@ -19,8 +19,14 @@ pub enum ForwardRequest {
     Propose(Vec<Proposal>),
     /// Confirm leadership with a quorum and return the index a linearizable read must wait for.
     ReadIndex,
-    AddLearner { id: u64, node: NodeInfo },
-    ChangeMembership { change: MembershipChange, force: bool },
+    AddLearner {
+        id: u64,
+        node: NodeInfo,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        force: bool,
+    },
     /// The leader's view of replication progress, for cluster status.
     Replication,
 }
@@ -28,11 +34,17 @@ pub enum ForwardRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardResponse {
     /// Results in order, with the log index that carried them.
-    Proposed { index: u64, results: Vec<CommandResult> },
+    Proposed {
+        index: u64,
+        results: Vec<CommandResult>,
+    },
     ReadIndex(Option<u64>),
     Done,
     /// member id -> matched log index, and the leader's last log index.
-    Replication { matched: Vec<(u64, Option<u64>)>, last_log_index: Option<u64> },
+    Replication {
+        matched: Vec<(u64, Option<u64>)>,
+        last_log_index: Option<u64>,
+    },
 }
 
 /// Why a forwarded request failed, from the leader's side.

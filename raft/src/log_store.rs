@@ -20,7 +20,9 @@ use std::time::Instant;
 use drplane_statemachine::codec::{decode, encode};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, StorageIOError, Vote};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use crate::metrics::Metrics;
 use crate::{any_err, LogId, StorageError, TypeConfig};
@@ -88,14 +90,27 @@ impl LogStore {
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StorageError> {
         self.inner.db.cf_handle(name).ok_or_else(|| {
-            StorageIOError::read_logs(openraft::AnyError::error(format!("missing column family {name}"))).into()
+            StorageIOError::read_logs(openraft::AnyError::error(format!(
+                "missing column family {name}"
+            )))
+            .into()
         })
     }
 
-    fn read_state<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn read_state<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         let cf = self.cf(CF_STATE)?;
-        match self.inner.db.get_cf(cf, key).map_err(|e| StorageIOError::read(any_err(e)))? {
-            Some(b) => Ok(Some(decode(&b).map_err(|e| StorageIOError::read(any_err(e)))?)),
+        match self
+            .inner
+            .db
+            .get_cf(cf, key)
+            .map_err(|e| StorageIOError::read(any_err(e)))?
+        {
+            Some(b) => Ok(Some(
+                decode(&b).map_err(|e| StorageIOError::read(any_err(e)))?,
+            )),
             None => Ok(None),
         }
     }
@@ -120,10 +135,14 @@ fn flusher(db: Arc<DB>, rx: std_mpsc::Receiver<LogFlushed<TypeConfig>>, metrics:
         }
         let started = Instant::now();
         let res = db.flush_wal(true);
-        metrics.log_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics
+            .log_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
         metrics.log_sync_batch.observe(waiting.len() as f64);
         match res {
-            Ok(()) => waiting.into_iter().for_each(|cb| cb.log_io_completed(Ok(()))),
+            Ok(()) => waiting
+                .into_iter()
+                .for_each(|cb| cb.log_io_completed(Ok(()))),
             Err(e) => {
                 tracing::error!(error = %e, "raft log sync failed");
                 for cb in waiting {
@@ -155,10 +174,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let cf = self.cf(CF_LOGS)?;
         let mut out = Vec::new();
-        let iter = self
-            .inner
-            .db
-            .iterator_cf(cf, IteratorMode::From(&index_key(start), Direction::Forward));
+        let iter = self.inner.db.iterator_cf(
+            cf,
+            IteratorMode::From(&index_key(start), Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(any_err(e)))?;
             let Some(index) = key_index(&k) else { break };
@@ -199,7 +218,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let cf = self.cf(CF_STATE)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, KEY_VOTE, encode(vote).map_err(|e| StorageIOError::write_vote(any_err(e)))?);
+        batch.put_cf(
+            cf,
+            KEY_VOTE,
+            encode(vote).map_err(|e| StorageIOError::write_vote(any_err(e)))?,
+        );
         self.write_synced(batch)
             .map_err(|e| StorageIOError::write_vote(any_err(e)).into())
     }
@@ -213,7 +236,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         match committed {
             Some(c) => {
-                batch.put_cf(cf, KEY_COMMITTED, encode(&c).map_err(|e| StorageIOError::write(any_err(e)))?);
+                batch.put_cf(
+                    cf,
+                    KEY_COMMITTED,
+                    encode(&c).map_err(|e| StorageIOError::write(any_err(e)))?,
+                );
                 self.inner.committed.store(c.index, Ordering::Relaxed);
             }
             None => batch.delete_cf(cf, KEY_COMMITTED),
@@ -230,7 +257,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.read_state(KEY_COMMITTED)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
@@ -247,10 +278,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .db
             .write_opt(batch, &wo)
             .map_err(|e| StorageIOError::write_logs(any_err(e)))?;
-        self.inner
-            .flush_tx
-            .send(callback)
-            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(format!("log flusher stopped: {e}"))))?;
+        self.inner.flush_tx.send(callback).map_err(|e| {
+            StorageIOError::write_logs(openraft::AnyError::error(format!(
+                "log flusher stopped: {e}"
+            )))
+        })?;
         Ok(())
     }
 
@@ -267,8 +299,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let logs = self.cf(CF_LOGS)?;
         let state = self.cf(CF_STATE)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(state, KEY_PURGED, encode(&log_id).map_err(|e| StorageIOError::write_logs(any_err(e)))?);
-        batch.delete_range_cf(logs, index_key(0), index_key(log_id.index.saturating_add(1)));
+        batch.put_cf(
+            state,
+            KEY_PURGED,
+            encode(&log_id).map_err(|e| StorageIOError::write_logs(any_err(e)))?,
+        );
+        batch.delete_range_cf(
+            logs,
+            index_key(0),
+            index_key(log_id.index.saturating_add(1)),
+        );
         self.write_synced(batch)
             .map_err(|e| StorageIOError::write_logs(any_err(e)).into())
     }

@@ -19,7 +19,9 @@ pub const LATENCY_BOUNDS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 /// Batch-size buckets.
-pub const SIZE_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+pub const SIZE_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {

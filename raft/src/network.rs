@@ -11,17 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drplane_statemachine::codec::{decode, encode};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::forward::{NodeError, ForwardRequest, ForwardResponse};
+use crate::forward::{ForwardRequest, ForwardResponse, NodeError};
 use crate::pb::raft_client::RaftClient;
 use crate::pb::Blob;
 use crate::{NodeInfo, TypeConfig};
@@ -85,7 +87,9 @@ impl Channels {
             Method::Forward => client.forward(request).await,
         };
         match result {
-            Ok(resp) => decode(&resp.into_inner().data).map_err(|e| TransportError::Codec(e.to_string())),
+            Ok(resp) => {
+                decode(&resp.into_inner().data).map_err(|e| TransportError::Codec(e.to_string()))
+            }
             Err(status) => {
                 let msg = status.message().to_string();
                 let addr = addr.to_string();
@@ -177,7 +181,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>,
+    > {
         self.rpc(Method::InstallSnapshot, &rpc, &option).await
     }
 
@@ -190,6 +197,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 
     fn backoff(&self) -> Backoff {
-        Backoff::new((0..).map(|i: u32| Duration::from_millis(50u64.saturating_mul(1 << i.min(6)).min(2000))))
+        Backoff::new(
+            (0..)
+                .map(|i: u32| Duration::from_millis(50u64.saturating_mul(1 << i.min(6)).min(2000))),
+        )
     }
 }

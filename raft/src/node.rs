@@ -124,7 +124,8 @@ impl RaftNode {
         let metrics = Arc::new(Metrics::default());
         let log_store = LogStore::open(&log_dir, metrics.clone())
             .with_context(|| format!("opening raft log in {}", log_dir.display()))?;
-        let store = Store::open(&sm_dir).with_context(|| format!("opening state in {}", sm_dir.display()))?;
+        let store = Store::open(&sm_dir)
+            .with_context(|| format!("opening state in {}", sm_dir.display()))?;
         let sm = StateMachine::new(store.clone(), &snap_dir).context("opening state machine")?;
 
         let config = openraft::Config {
@@ -181,11 +182,16 @@ impl RaftNode {
             proposal.request_id = Some(format!("n{}-{}-{}", self.id, self.boot_ms, n));
         }
         let deadline = Instant::now() + self.request_timeout;
-        match self.route(ForwardRequest::Propose(vec![proposal]), deadline).await? {
+        match self
+            .route(ForwardRequest::Propose(vec![proposal]), deadline)
+            .await?
+        {
             (ForwardResponse::Proposed { index, mut results }, local) => {
                 if !local {
                     // Answer after this node applied it too, so the caller reads its write here.
-                    let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_secs(1));
                     let _ = self
                         .raft
                         .wait(Some(wait))
@@ -216,7 +222,9 @@ impl RaftNode {
                     .applied_index_at_least(index, "linearizable read")
                     .await
                     .map(|_| ())
-                    .map_err(|e| NodeError::Unavailable(format!("this node did not catch up in time: {e}")))
+                    .map_err(|e| {
+                        NodeError::Unavailable(format!("this node did not catch up in time: {e}"))
+                    })
             }
             (other, _) => Err(NodeError::Internal(format!("unexpected answer {other:?}"))),
         }
@@ -263,11 +271,16 @@ impl RaftNode {
     pub async fn add_learner(&self, id: u64, node: NodeInfo) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.request_timeout;
         let site = node.site.clone();
-        self.route(ForwardRequest::AddLearner { id, node }, deadline).await?;
+        self.route(ForwardRequest::AddLearner { id, node }, deadline)
+            .await?;
         self.ensure_site(&site).await
     }
 
-    pub async fn change_membership(&self, change: MembershipChange, force: bool) -> Result<(), NodeError> {
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+        force: bool,
+    ) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.request_timeout;
         self.route(ForwardRequest::ChangeMembership { change, force }, deadline)
             .await
@@ -276,7 +289,11 @@ impl RaftNode {
 
     /// Send `req` to wherever the leader is, retrying through leader changes until
     /// `deadline`. Returns the answer and whether it was handled on this node.
-    async fn route(&self, req: ForwardRequest, deadline: Instant) -> Result<(ForwardResponse, bool), NodeError> {
+    async fn route(
+        &self,
+        req: ForwardRequest,
+        deadline: Instant,
+    ) -> Result<(ForwardResponse, bool), NodeError> {
         let retry_unknown = matches!(req, ForwardRequest::Propose(_) | ForwardRequest::ReadIndex);
         let mut rx = self.raft.metrics();
         let mut last_err = String::from("no leader is known");
@@ -284,7 +301,12 @@ impl RaftNode {
             let (leader, leader_addr) = {
                 let m = rx.borrow_and_update();
                 let leader = m.current_leader;
-                let addr = leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.raft.clone()));
+                let addr = leader.and_then(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.raft.clone())
+                });
                 (leader, addr)
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -298,7 +320,9 @@ impl RaftNode {
                 (Some(l), _) if l == self.id => {
                     match tokio::time::timeout(remaining, self.handle_forward(req.clone())).await {
                         Ok(Ok(resp)) => return Ok((resp, true)),
-                        Ok(Err(NodeError::NotLeader { .. })) => last_err = "leadership moved".into(),
+                        Ok(Err(NodeError::NotLeader { .. })) => {
+                            last_err = "leadership moved".into()
+                        }
                         Ok(Err(NodeError::Unknown(e))) if retry_unknown => last_err = e,
                         Ok(Err(e)) => return Err(e),
                         Err(_) => {
@@ -313,7 +337,9 @@ impl RaftNode {
                     self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
                     match self.channels.forward(&addr, &req, remaining).await {
                         Ok(Ok(resp)) => return Ok((resp, false)),
-                        Ok(Err(NodeError::NotLeader { .. })) => last_err = format!("node {l} is no longer leader"),
+                        Ok(Err(NodeError::NotLeader { .. })) => {
+                            last_err = format!("node {l} is no longer leader")
+                        }
                         Ok(Err(NodeError::Unknown(e))) if retry_unknown => last_err = e,
                         Ok(Err(e)) => return Err(e),
                         Err(e) => {
@@ -341,7 +367,9 @@ impl RaftNode {
             ForwardRequest::ReadIndex => match self.raft.ensure_linearizable().await {
                 Ok(log_id) => Ok(ForwardResponse::ReadIndex(log_id.map(|l| l.index))),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    Err(NodeError::NotLeader { leader: f.leader_id })
+                    Err(NodeError::NotLeader {
+                        leader: f.leader_id,
+                    })
                 }
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                     Err(NodeError::Unknown(format!("no quorum: {q}")))
@@ -349,11 +377,15 @@ impl RaftNode {
                 Err(e) => Err(NodeError::Internal(e.to_string())),
             },
             ForwardRequest::AddLearner { id, node } => self.add_learner_local(id, node).await,
-            ForwardRequest::ChangeMembership { change, force } => self.change_membership_local(change, force).await,
+            ForwardRequest::ChangeMembership { change, force } => {
+                self.change_membership_local(change, force).await
+            }
             ForwardRequest::Replication => {
                 let m = self.metrics_now();
                 if m.current_leader != Some(self.id) {
-                    return Err(NodeError::NotLeader { leader: m.current_leader });
+                    return Err(NodeError::NotLeader {
+                        leader: m.current_leader,
+                    });
                 }
                 let matched = m
                     .replication
@@ -382,20 +414,28 @@ impl RaftNode {
         let mut index = 0;
         let mut results = Vec::with_capacity(waits.len());
         for rx in waits {
-            let (i, r) = rx
-                .await
-                .map_err(|_| NodeError::Unknown("the proposal was dropped before its result was known".into()))??;
+            let (i, r) = rx.await.map_err(|_| {
+                NodeError::Unknown("the proposal was dropped before its result was known".into())
+            })??;
             index = index.max(i);
             results.push(r);
         }
-        self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .proposal_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(ForwardResponse::Proposed { index, results })
     }
 
-    async fn add_learner_local(&self, id: u64, node: NodeInfo) -> Result<ForwardResponse, NodeError> {
+    async fn add_learner_local(
+        &self,
+        id: u64,
+        node: NodeInfo,
+    ) -> Result<ForwardResponse, NodeError> {
         let m = self.metrics_now();
         if m.current_leader != Some(self.id) {
-            return Err(NodeError::NotLeader { leader: m.current_leader });
+            return Err(NodeError::NotLeader {
+                leader: m.current_leader,
+            });
         }
         let membership = m.membership_config.membership();
         if let Some(existing) = membership.get_node(&id) {
@@ -406,7 +446,10 @@ impl RaftNode {
                 "node {id} is already a member as {existing}; remove it first to change its addresses"
             )));
         }
-        if let Some((other, _)) = membership.nodes().find(|(_, n)| n.raft == node.raft || n.http == node.http) {
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(_, n)| n.raft == node.raft || n.http == node.http)
+        {
             return Err(NodeError::Refused(format!(
                 "node {other} already uses one of these addresses ({node})"
             )));
@@ -417,19 +460,30 @@ impl RaftNode {
         }
     }
 
-    async fn change_membership_local(&self, change: MembershipChange, force: bool) -> Result<ForwardResponse, NodeError> {
+    async fn change_membership_local(
+        &self,
+        change: MembershipChange,
+        force: bool,
+    ) -> Result<ForwardResponse, NodeError> {
         let m = self.metrics_now();
         if m.current_leader != Some(self.id) {
-            return Err(NodeError::NotLeader { leader: m.current_leader });
+            return Err(NodeError::NotLeader {
+                leader: m.current_leader,
+            });
         }
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let nodes: BTreeMap<u64, NodeInfo> = membership.nodes().map(|(k, v)| (*k, v.clone())).collect();
+        let nodes: BTreeMap<u64, NodeInfo> =
+            membership.nodes().map(|(k, v)| (*k, v.clone())).collect();
         let id = match change {
-            MembershipChange::Promote(id) | MembershipChange::Demote(id) | MembershipChange::Remove(id) => id,
+            MembershipChange::Promote(id)
+            | MembershipChange::Demote(id)
+            | MembershipChange::Remove(id) => id,
         };
         if !nodes.contains_key(&id) {
-            return Err(NodeError::NotFound(format!("node {id} is not a member of this cluster")));
+            return Err(NodeError::NotFound(format!(
+                "node {id} is not a member of this cluster"
+            )));
         }
         let is_voter = voters.contains(&id);
         let (new_voters, request, retain) = match change {
@@ -445,9 +499,11 @@ impl RaftNode {
                 v.remove(&id);
                 (v, ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
             }
-            MembershipChange::Remove(_) if !is_voter => {
-                (voters.clone(), ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-            }
+            MembershipChange::Remove(_) if !is_voter => (
+                voters.clone(),
+                ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                false,
+            ),
             MembershipChange::Remove(_) => {
                 let mut v = voters.clone();
                 v.remove(&id);
@@ -481,9 +537,16 @@ impl RaftNode {
         let (matched, leader_last) = if m.current_leader.is_some() {
             let deadline = Instant::now() + Duration::from_millis(800);
             match self.route(ForwardRequest::Replication, deadline).await {
-                Ok((ForwardResponse::Replication { matched, last_log_index }, _)) => {
-                    (matched.into_iter().collect::<BTreeMap<_, _>>(), last_log_index)
-                }
+                Ok((
+                    ForwardResponse::Replication {
+                        matched,
+                        last_log_index,
+                    },
+                    _,
+                )) => (
+                    matched.into_iter().collect::<BTreeMap<_, _>>(),
+                    last_log_index,
+                ),
                 _ => (BTreeMap::new(), None),
             }
         } else {
@@ -525,7 +588,10 @@ impl RaftNode {
     pub fn readiness(&self) -> (bool, String) {
         let m = self.metrics_now();
         if m.membership_config.membership().nodes().next().is_none() {
-            return (false, "not initialized: run `drplane cluster init` or add this node".into());
+            return (
+                false,
+                "not initialized: run `drplane cluster init` or add this node".into(),
+            );
         }
         let Some(leader) = m.current_leader else {
             return (false, "no leader is known".into());
@@ -545,7 +611,12 @@ impl RaftNode {
     pub fn metrics_text(&self) -> String {
         let m = self.metrics_now();
         let mut out = String::new();
-        gauge(&mut out, "drplane_raft_term", "Current Raft term.", m.current_term as f64);
+        gauge(
+            &mut out,
+            "drplane_raft_term",
+            "Current Raft term.",
+            m.current_term as f64,
+        );
         gauge(
             &mut out,
             "drplane_raft_leader_id",
@@ -556,7 +627,11 @@ impl RaftNode {
             &mut out,
             "drplane_raft_is_leader",
             "1 if this node is the leader.",
-            if m.state == ServerState::Leader { 1.0 } else { 0.0 },
+            if m.state == ServerState::Leader {
+                1.0
+            } else {
+                0.0
+            },
         );
         gauge(
             &mut out,
@@ -619,7 +694,10 @@ impl RaftNode {
 }
 
 /// The site holding a strict majority of `voters`, if any (only for two or more voters).
-pub fn site_majority(voters: &BTreeSet<u64>, nodes: &BTreeMap<u64, NodeInfo>) -> Option<(String, usize)> {
+pub fn site_majority(
+    voters: &BTreeSet<u64>,
+    nodes: &BTreeMap<u64, NodeInfo>,
+) -> Option<(String, usize)> {
     if voters.len() < 2 {
         return None;
     }
@@ -636,8 +714,12 @@ pub fn site_majority(voters: &BTreeSet<u64>, nodes: &BTreeMap<u64, NodeInfo>) ->
 
 fn map_write_error(e: RaftError<u64, ClientWriteError<u64, NodeInfo>>) -> NodeError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => NodeError::NotLeader { leader: f.leader_id },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => NodeError::Refused(c.to_string()),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => NodeError::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            NodeError::Refused(c.to_string())
+        }
         RaftError::Fatal(f) => NodeError::Internal(f.to_string()),
     }
 }
@@ -647,7 +729,9 @@ fn map_write_error(e: RaftError<u64, ClientWriteError<u64, NodeInfo>>) -> NodeEr
 async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, metrics: Arc<Metrics>) {
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_ENTRIES));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let Some(first) = rx.recv().await else { return };
         let mut pending = vec![first];
         while pending.len() < MAX_BATCH {
@@ -656,7 +740,8 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, metrics: Arc<M
                 Err(_) => break,
             }
         }
-        let (proposals, txs): (Vec<_>, Vec<_>) = pending.into_iter().map(|p| (p.proposal, p.tx)).unzip();
+        let (proposals, txs): (Vec<_>, Vec<_>) =
+            pending.into_iter().map(|p| (p.proposal, p.tx)).unzip();
         metrics.proposals_per_entry.observe(proposals.len() as f64);
         let batch = ProposalBatch {
             time_ms: now_ms(),
@@ -672,7 +757,9 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, metrics: Arc<M
                             let index = resp.log_id.index;
                             if resp.data.0.len() != txs.len() {
                                 for tx in txs {
-                                    let _ = tx.send(Err(NodeError::Internal("result count mismatch".into())));
+                                    let _ = tx.send(Err(NodeError::Internal(
+                                        "result count mismatch".into(),
+                                    )));
                                 }
                                 return;
                             }
@@ -682,7 +769,9 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, metrics: Arc<M
                         }
                         Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                             for tx in txs {
-                                let _ = tx.send(Err(NodeError::NotLeader { leader: f.leader_id }));
+                                let _ = tx.send(Err(NodeError::NotLeader {
+                                    leader: f.leader_id,
+                                }));
                             }
                         }
                         Ok(Err(e)) => {
@@ -748,10 +837,24 @@ mod tests {
     #[test]
     fn site_majority_rule() {
         let n = nodes(&[(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "a")]);
-        assert_eq!(site_majority(&BTreeSet::from([1]), &n), None, "one voter is exempt");
+        assert_eq!(
+            site_majority(&BTreeSet::from([1]), &n),
+            None,
+            "one voter is exempt"
+        );
         assert_eq!(site_majority(&BTreeSet::from([1, 2, 3]), &n), None);
-        assert_eq!(site_majority(&BTreeSet::from([1, 2, 3, 4]), &n), None, "2 of 4 is no majority");
-        assert_eq!(site_majority(&BTreeSet::from([1, 4, 3]), &n), Some(("a".into(), 2)));
-        assert_eq!(site_majority(&BTreeSet::from([1, 4]), &n), Some(("a".into(), 2)));
+        assert_eq!(
+            site_majority(&BTreeSet::from([1, 2, 3, 4]), &n),
+            None,
+            "2 of 4 is no majority"
+        );
+        assert_eq!(
+            site_majority(&BTreeSet::from([1, 4, 3]), &n),
+            Some(("a".into(), 2))
+        );
+        assert_eq!(
+            site_majority(&BTreeSet::from([1, 4]), &n),
+            Some(("a".into(), 2))
+        );
     }
 }

@@ -25,7 +25,8 @@ pub fn raft_service(node: Arc<RaftNode>) -> RaftServer<RaftService> {
 }
 
 fn decode_req<T: DeserializeOwned>(req: Request<Blob>) -> Result<T, Status> {
-    decode(&req.into_inner().data).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+    decode(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
 }
 
 fn encode_resp<T: Serialize>(value: &T) -> Result<Response<Blob>, Status> {

@@ -54,9 +54,11 @@ impl StateMachine {
         };
         let snapshot_path = snapshot_dir.join("snapshot.bin");
         let current = match std::fs::read(&snapshot_path) {
-            Ok(bytes) => Some(Arc::new(
-                decode::<StoredSnapshot>(&bytes).map_err(|e| StorageIOError::read_snapshot(None, any_err(e)))?,
-            )),
+            Ok(bytes) => {
+                Some(Arc::new(decode::<StoredSnapshot>(&bytes).map_err(|e| {
+                    StorageIOError::read_snapshot(None, any_err(e))
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StorageIOError::read_snapshot(None, any_err(e)).into()),
         };
@@ -122,8 +124,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: applied.membership,
             snapshot_id,
         };
-        let stored = Arc::new(StoredSnapshot { meta: meta.clone(), data });
-        let bytes = encode(&*stored).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any_err(e)))?;
+        let stored = Arc::new(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        let bytes = encode(&*stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any_err(e)))?;
         let path = self.snapshot_path.clone();
         tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
             .await
@@ -161,7 +167,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     None
                 }
             };
-            let meta = encode(&self.meta).map_err(|e| StorageIOError::write_state_machine(any_err(e)))?;
+            let meta =
+                encode(&self.meta).map_err(|e| StorageIOError::write_state_machine(any_err(e)))?;
             let results = self
                 .store
                 .apply_entry(batch, &meta)
@@ -195,9 +202,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
         };
         let sig = meta.signature();
-        let meta_bytes = encode(&applied).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
-        let stored = Arc::new(StoredSnapshot { meta: meta.clone(), data });
-        let file_bytes = encode(&*stored).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
+        let meta_bytes = encode(&applied)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
+        let stored = Arc::new(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        let file_bytes = encode(&*stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
         let store = self.store.clone();
         let path = self.snapshot_path.clone();
         let stored2 = stored.clone();
@@ -209,7 +221,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e)))?;
+        .map_err(|e| {
+            StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
+        })?;
         self.meta = applied;
         *self.current.lock().await = Some(stored);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");

@@ -1,6 +1,8 @@
 //! openraft's own storage test suite, run against drplane's RocksDB log store and state
 //! machine adapter (real RocksDB in a temporary directory, one per test case).
 
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use drplane_raft::log_store::LogStore;
@@ -16,12 +18,14 @@ struct RocksBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
-        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
+        let dir =
+            tempfile::tempdir().map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
         let log = LogStore::open(&dir.path().join("log"), Arc::new(Metrics::default()))?;
         let store = Store::open(&dir.path().join("state"))
             .map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
         let snap = dir.path().join("snap");
-        std::fs::create_dir_all(&snap).map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
+        std::fs::create_dir_all(&snap)
+            .map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
         let sm = StateMachine::new(store, &snap)?;
         Ok((dir, log, sm))
     }
