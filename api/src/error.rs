@@ -9,7 +9,7 @@
 //! `code` is stable: clients and runbooks may branch on it. `message` is about this request;
 //! `fix` is the registry's one-line advice for the code. Codes are grouped by the first
 //! digit: 1 = the request itself, 2 = routing, 3 = resources, 4 = cluster state,
-//! 5 = faults on our side. A code is never reused for another meaning; `ERRORS.md` lists
+//! 5 = faults on our side, 6 = identity and access. A code is never reused for another meaning; `ERRORS.md` lists
 //! them all (a unit test keeps it in step with this file).
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -47,6 +47,13 @@ pub enum ErrorCode {
     Refused,
     NotReady,
     Internal,
+    Unauthenticated,
+    Forbidden,
+    TooManyLoginAttempts,
+    InvalidListParameter,
+    ReferenceNotFound,
+    ResourceInUse,
+    JobFinished,
 }
 
 /// The registry entry of one code.
@@ -87,6 +94,13 @@ impl ErrorCode {
         ErrorCode::Refused,
         ErrorCode::NotReady,
         ErrorCode::Internal,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::TooManyLoginAttempts,
+        ErrorCode::InvalidListParameter,
+        ErrorCode::ReferenceNotFound,
+        ErrorCode::ResourceInUse,
+        ErrorCode::JobFinished,
     ];
 
     /// The registry entry: code, status, cause and fix.
@@ -225,6 +239,48 @@ impl ErrorCode {
                 "A fault on the server side (storage, encoding or an invariant broken).",
                 "Report the response's `X-Request-Id` to the operator; the server log has the cause.",
             ),
+            Unauthenticated => (
+                "DRP-6001",
+                401,
+                "The request has no credentials, or they are unknown, expired or revoked.",
+                "Log in (`drplane identity login`, or `POST /v3/auth/tokens`) and send the token as `X-Auth-Token`.",
+            ),
+            Forbidden => (
+                "DRP-6002",
+                403,
+                "The caller is known but its roles do not allow this operation (or this project).",
+                "Ask an admin for the role the message names, or use credentials scoped to the right project.",
+            ),
+            TooManyLoginAttempts => (
+                "DRP-6003",
+                429,
+                "Too many failed logins for this user name in the last minute.",
+                "Wait the `Retry-After` seconds, then log in with the right password.",
+            ),
+            InvalidListParameter => (
+                "DRP-1011",
+                400,
+                "A list filter or pagination parameter (status, type, limit, marker) has a value that is not allowed.",
+                "Use a value the message lists; `limit` is 1 to 1000 and `marker` is the last id of the previous page.",
+            ),
+            ReferenceNotFound => (
+                "DRP-3005",
+                409,
+                "The request refers to another resource (site, host, storage pool) that does not exist.",
+                "Create the referenced resource first, or correct the name the message gives.",
+            ),
+            ResourceInUse => (
+                "DRP-3006",
+                409,
+                "The resource is still in use (a host with workloads, assigned tasks or reservations).",
+                "Delete, move or release what the message names first, then retry.",
+            ),
+            JobFinished => (
+                "DRP-3007",
+                409,
+                "The job has already ended (SUCCESS or FAIL), so it cannot be cancelled.",
+                "Nothing to do: read the job with `GET /drplane/v1/jobs/{id}` for its outcome.",
+            ),
         };
         CodeInfo {
             code,
@@ -333,6 +389,12 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.code == ErrorCode::PayloadTooLarge {
+            // The rest of the body was never read: the connection cannot carry another
+            // request, so tell the client not to reuse it.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp.extensions_mut().insert(NativeErrorShape);
         resp

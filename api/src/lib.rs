@@ -12,25 +12,35 @@
 //! input is a 4xx, never a panic or a 500.
 //!
 //! Code map:
+//! - `auth`: authentication middleware, callers, Keystone and Danube logins, the Huawei
+//!   signature verifier;
+//! - `identity`: the native identity admin API and the bootstrap run by `cluster/init`;
 //! - `control`: the trait the node implements, and the cluster types it returns;
 //! - `error`: the error code registry (listed in `ERRORS.md`) and [`ApiError`];
 //! - `extract`: extractors that answer bad input in the native shape;
+//! - `inventory`: native hosts, servers, shares and databases endpoints (admin);
+//! - `jobs`: native jobs endpoints (list, show with tasks, cancel, test jobs);
 //! - `middleware`: request id, tracing span, access log, metrics, error-shape guarantee;
 //! - `metrics`: the HTTP layer's own Prometheus metrics;
 //! - `routes`: the handlers and [`router`];
 //! - `time`: RFC 3339 formatting of millisecond timestamps.
 
+pub mod auth;
 pub mod control;
 pub mod error;
 mod extract;
+mod identity;
+mod inventory;
+mod jobs;
 pub mod metrics;
 pub mod middleware;
 mod routes;
 pub mod time;
 
+pub use auth::{AuthOptions, Caller};
 pub use control::{
     ClusterError, ClusterStatus, Consistency, ControlPlane, Health, MemberInfo, NewMember, Role,
 };
 pub use error::{ApiError, CodeInfo, ErrorCode};
 pub use extract::BODY_LIMIT_BYTES;
-pub use routes::{router, IDEMPOTENCY_KEY_HEADER};
+pub use routes::{router, router_with, IDEMPOTENCY_KEY_HEADER};

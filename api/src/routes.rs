@@ -28,26 +28,39 @@ pub const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempote
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 #[derive(Clone)]
-struct AppState {
-    cp: Arc<dyn ControlPlane>,
-    metrics: Arc<HttpMetrics>,
+pub(crate) struct AppState {
+    pub(crate) cp: Arc<dyn ControlPlane>,
+    pub(crate) metrics: Arc<HttpMetrics>,
+    /// Identity settings and the login rate limiter (`crate::auth`).
+    pub(crate) auth: Arc<crate::auth::AuthState>,
 }
 
 /// The HTTP API of one node: `/livez`, `/readyz`, `/metrics` and the native
 /// `/drplane/v1` routes. Every non-2xx answer has the native error shape
 /// (see [`crate::error`]); every answer carries an `X-Request-Id`.
 pub fn router(cp: Arc<dyn ControlPlane>) -> Router {
+    router_with(cp, crate::auth::AuthOptions::default())
+}
+
+/// [`router`] with identity settings (the admin password of the first init, token
+/// lifetimes, login rate limits). Every route but health, metrics, version documents and
+/// logins requires credentials (see [`crate::auth`]).
+pub fn router_with(cp: Arc<dyn ControlPlane>, auth: crate::auth::AuthOptions) -> Router {
     let metrics = Arc::new(HttpMetrics::new());
     let state = AppState {
         cp,
         metrics: metrics.clone(),
+        auth: Arc::new(crate::auth::AuthState::new(auth)),
     };
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/drplane/v1/cluster", get(cluster_status))
-        .route("/drplane/v1/cluster/init", post(init_cluster))
+        .route(
+            "/drplane/v1/cluster/init",
+            post(crate::identity::init_handler),
+        )
         .route(
             "/drplane/v1/cluster/members",
             get(list_members).post(add_member),
@@ -63,10 +76,19 @@ pub fn router(cp: Arc<dyn ControlPlane>) -> Router {
             "/drplane/v1/sites/{name}",
             get(get_site).delete(delete_site),
         )
+        .merge(crate::identity::routes())
+        .merge(crate::auth::keystone::routes())
+        .merge(crate::auth::danube::routes())
+        .merge(crate::inventory::routes())
+        .merge(crate::jobs::routes())
         // Must come after the routes: it is set on each route present.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(metrics, track))
         .with_state(state)
 }
@@ -120,10 +142,6 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
 
 async fn cluster_status(State(st): State<AppState>) -> Result<Json<ClusterStatus>, ApiError> {
     Ok(Json(st.cp.cluster_status().await?))
-}
-
-async fn init_cluster(State(st): State<AppState>) -> Result<Json<ClusterStatus>, ApiError> {
-    Ok(Json(st.cp.init_cluster().await?))
 }
 
 async fn list_members(State(st): State<AppState>) -> Result<Json<Vec<MemberInfo>>, ApiError> {
@@ -240,13 +258,13 @@ struct CreateSiteRequest {
     description: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct ReadQuery {
-    consistency: Option<Consistency>,
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ReadQuery {
+    pub(crate) consistency: Option<Consistency>,
 }
 
 /// The optional `Idempotency-Key` header, which becomes the proposal's request id.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut values = headers.get_all(&IDEMPOTENCY_KEY_HEADER).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -271,7 +289,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// Validates, then proposes, then maps the state machine's refusal.
-async fn propose(
+pub(crate) async fn propose(
     st: &AppState,
     headers: &HeaderMap,
     command: Command,
@@ -288,7 +306,7 @@ async fn propose(
     Ok(result?)
 }
 
-async fn read_barrier(st: &AppState, query: ReadQuery) -> Result<(), ApiError> {
+pub(crate) async fn read_barrier(st: &AppState, query: ReadQuery) -> Result<(), ApiError> {
     st.cp
         .read_barrier(query.consistency.unwrap_or_default())
         .await?;

@@ -353,6 +353,8 @@ async fn two_mib_body_is_413() {
     let big = format!(r#"{{"name":"a","description":"{}"}}"#, "x".repeat(2 << 20));
     let a = post_json(&r, "/drplane/v1/sites", &big).await;
     assert_error(&a, 413, "DRP-1004");
+    // The unread rest of the body makes the connection unusable: the client is told.
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
     // Also on a route whose body is optional.
     let a = send(
         &r,

@@ -3,6 +3,12 @@
 //! public HTTP API and the CLI, and inject process faults (kill -9, SIGTERM, SIGSTOP).
 //!
 //! Architecture invariant: nothing here links drplane's crates; it drives the binary.
+//!
+//! Identity: every node starts with `DRPLANE_ADMIN_PASSWORD=`[`ADMIN_PASSWORD`]; after the
+//! init, [`Cluster::start`] logs in as `admin` (`POST /v3/auth/tokens`) and `Cluster::http`
+//! sends that token as `X-Auth-Token` on every request (a request that sets its own
+//! `X-Auth-Token` keeps it). [`cli`] runs the CLI with `DRPLANE_USER=admin` and
+//! `DRPLANE_PASSWORD`, so it logs in the same way.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -34,10 +40,30 @@ pub fn drplane_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The password of user `admin` in every test cluster (the servers'
+/// `DRPLANE_ADMIN_PASSWORD`).
+pub const ADMIN_PASSWORD: &str = "chaos-admin-password";
+
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Ports come from 20000-31999, below Linux's ephemeral range (32768+), so an outgoing
+/// connection of this or another process cannot take the port between this probe and
+/// the server's bind; each process walks its own window (by pid) and never hands out the
+/// same port twice.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    let window = (std::process::id() % 97) * 120;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (window + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {LOW}-{}", LOW + SPAN - 1)
 }
 
 /// How one node is started.
@@ -50,11 +76,14 @@ pub struct NodeSpec {
     pub data: PathBuf,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// TLS files given to the node (`--tls-cert/--tls-key/--tls-ca`); None for plain HTTP.
+    pub tls: Option<NodeTls>,
 }
 
 impl NodeSpec {
     pub fn url(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http)
     }
 }
 
@@ -82,6 +111,23 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     pub http: reqwest::Client,
     extra_args: Vec<String>,
+    /// The cluster CA of a TLS cluster ([`Cluster::start_tls`]); new nodes get
+    /// certificates from it.
+    pub pki: Option<TestPki>,
+    /// The admin's token once logged in ([`Cluster::login_admin`]); `http` sends it.
+    pub token: Option<String>,
+    /// Agent processes by host name ([`Cluster::spawn_agent`]).
+    pub agents: BTreeMap<String, AgentProc>,
+}
+
+/// The answer of a Keystone login: a [`Reply`] plus the `X-Subject-Token` header.
+#[derive(Debug, Clone)]
+pub struct LoginReply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Value,
+    pub text: String,
+    pub subject_token: Option<String>,
 }
 
 /// The answer of an HTTP call: status, headers we care about, and the JSON body (Null if
@@ -110,13 +156,135 @@ impl Cluster {
                 .build()
                 .context("http client")?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            pki: None,
+            token: None,
+            agents: BTreeMap::new(),
         })
+    }
+
+    /// A client for this cluster's nodes (trusting the cluster CA in a TLS cluster) that
+    /// sends `token` as `X-Auth-Token` on every request.
+    pub fn client_with_token(&self, token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(32);
+        if let Some(pki) = &self.pki {
+            let pem = std::fs::read(&pki.ca_cert)
+                .with_context(|| format!("reading {}", pki.ca_cert.display()))?;
+            b = b
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(&pem).context("CA certificate")?,
+                );
+        }
+        if let Some(t) = token {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                "x-auth-token",
+                reqwest::header::HeaderValue::from_str(t).context("token header")?,
+            );
+            b = b.default_headers(headers);
+        }
+        b.build().context("http client")
+    }
+
+    /// `POST /v3/auth/tokens` on node `id` as `user` (password method, scoped to `project`
+    /// or the user's default project): the token, or the failed answer as an error.
+    pub async fn login(
+        &self,
+        id: u64,
+        user: &str,
+        password: &str,
+        project: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let r = self.keystone_login(id, user, password, project).await?;
+        if r.status != 201 {
+            bail!("login as {user} on node {id}: {} {}", r.status, r.text);
+        }
+        r.subject_token
+            .ok_or_else(|| anyhow!("login as {user}: no X-Subject-Token in the answer"))
+    }
+
+    /// The raw answer of a Keystone password login (sent without any X-Auth-Token).
+    pub async fn keystone_login(
+        &self,
+        id: u64,
+        user: &str,
+        password: &str,
+        project: Option<&str>,
+    ) -> anyhow::Result<LoginReply> {
+        let mut auth = serde_json::json!({"identity": {"methods": ["password"], "password": {
+            "user": {"name": user, "domain": {"name": "Default"}, "password": password}}}});
+        if let Some(p) = project {
+            auth["scope"] =
+                serde_json::json!({"project": {"name": p, "domain": {"name": "Default"}}});
+        }
+        let resp = self
+            .client_with_token(None)?
+            .post(format!("{}/v3/auth/tokens", self.url(id)))
+            .json(&serde_json::json!({ "auth": auth }))
+            .send()
+            .await?;
+        let subject_token = resp
+            .headers()
+            .get("x-subject-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let reply = to_reply(resp).await;
+        Ok(LoginReply {
+            status: reply.status,
+            retry_after: reply.retry_after,
+            body: reply.body,
+            text: reply.text,
+            subject_token,
+        })
+    }
+
+    /// Logs in as `admin` on node `id` (retrying while the cluster settles) and makes
+    /// `http` send the token.
+    pub async fn login_admin(&mut self, id: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let token = loop {
+            match self.login(id, "admin", ADMIN_PASSWORD, Some("admin")).await {
+                Ok(t) => break t,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.http = self.client_with_token(Some(&token))?;
+        self.token = Some(token);
+        Ok(())
+    }
+
+    /// An empty TLS cluster: a fresh CA under `<dir>/pki`, every node started with a
+    /// certificate from it, and an HTTP client that trusts only that CA.
+    pub fn empty_tls(extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        let mut c = Cluster::empty(extra_args)?;
+        let pki = TestPki::new(&c.dir.path().join("pki"), "drplane test CA")?;
+        c.http = https_client(&[&pki.ca_cert])?;
+        c.pki = Some(pki);
+        Ok(c)
+    }
+
+    /// [`Cluster::start`] with TLS on every node: HTTPS API, mutual TLS between nodes.
+    pub async fn start_tls(sites: &[&str], extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        let mut c = Cluster::empty_tls(extra_args)?;
+        c.bootstrap(sites).await?;
+        Ok(c)
     }
 
     /// Start `sites.len()` nodes (node i+1 in `sites[i]`), initialize node 1, add the
     /// others as learners and promote them; returns once every node is ready.
     pub async fn start(sites: &[&str], extra_args: &[&str]) -> anyhow::Result<Cluster> {
         let mut c = Cluster::empty(extra_args)?;
+        c.bootstrap(sites).await?;
+        Ok(c)
+    }
+
+    /// Start, initialize and promote `sites.len()` nodes (see [`Cluster::start`]).
+    async fn bootstrap(&mut self, sites: &[&str]) -> anyhow::Result<()> {
+        let c = self;
         for (i, site) in sites.iter().enumerate() {
             c.spawn_new(i as u64 + 1, site)?;
         }
@@ -127,6 +295,7 @@ impl Cluster {
         if r.status != 200 {
             bail!("init failed: {} {}", r.status, r.text);
         }
+        c.login_admin(1).await?;
         for id in c.ids().into_iter().skip(1) {
             c.add_member(1, id).await?;
             let r = c
@@ -143,7 +312,7 @@ impl Cluster {
         for id in c.ids() {
             c.wait_ready(id, Duration::from_secs(20)).await?;
         }
-        Ok(c)
+        Ok(())
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -164,8 +333,24 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Define and start a new node (not yet a member).
+    /// Define and start a new node (not yet a member). In a TLS cluster it gets a
+    /// certificate from the cluster CA.
     pub fn spawn_new(&mut self, id: u64, site: &str) -> anyhow::Result<()> {
+        let tls = match &self.pki {
+            Some(pki) => Some(pki.issue(&format!("node-{id}"), &["127.0.0.1", "localhost"])?),
+            None => None,
+        };
+        self.spawn_new_with_tls(id, site, tls)
+    }
+
+    /// Define and start a new node with the given TLS files (None: plain HTTP), e.g. a
+    /// certificate from another CA.
+    pub fn spawn_new_with_tls(
+        &mut self,
+        id: u64,
+        site: &str,
+        tls: Option<NodeTls>,
+    ) -> anyhow::Result<()> {
         let data = self.dir.path().join(format!("node-{id}"));
         let spec = NodeSpec {
             id,
@@ -175,6 +360,7 @@ impl Cluster {
             log: self.dir.path().join(format!("node-{id}.log")),
             data,
             extra_args: self.extra_args.clone(),
+            tls,
         };
         let child = spawn(&spec)?;
         self.nodes.insert(
@@ -419,6 +605,12 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for agent in self.agents.values_mut() {
+            if let Some(mut c) = agent.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         for node in self.nodes.values_mut() {
             if let Some(mut c) = node.child.take() {
                 let _ = c.kill();
@@ -460,10 +652,21 @@ fn spawn(spec: &NodeSpec) -> anyhow::Result<Child> {
         .arg("--data")
         .arg(&spec.data)
         .args(&spec.extra_args)
+        .args(spec.tls.iter().flat_map(|t| {
+            [
+                "--tls-cert".into(),
+                t.cert.clone().into_os_string(),
+                "--tls-key".into(),
+                t.key.clone().into_os_string(),
+                "--tls-ca".into(),
+                t.ca.clone().into_os_string(),
+            ]
+        }))
         .env(
             "DRPLANE_LOG",
             std::env::var("DRPLANE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
         )
+        .env("DRPLANE_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
@@ -503,9 +706,33 @@ async fn to_reply(resp: reqwest::Response) -> Reply {
     }
 }
 
-/// Run the `drplane` CLI with `args`; returns (exit success, stdout, stderr).
+/// Run the `drplane` CLI with `args` as `admin` (`DRPLANE_USER`/`DRPLANE_PASSWORD` in its
+/// environment); returns (exit success, stdout, stderr).
 pub fn cli(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(drplane_bin()?)
+    cli_env(
+        args,
+        &[
+            ("DRPLANE_USER", "admin"),
+            ("DRPLANE_PASSWORD", ADMIN_PASSWORD),
+        ],
+    )
+}
+
+/// Run the `drplane` CLI with `args` and exactly the `DRPLANE_*` credentials in `env`.
+pub fn cli_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, String, String)> {
+    let mut cmd = Command::new(drplane_bin()?);
+    for var in [
+        "DRPLANE_TOKEN",
+        "DRPLANE_USER",
+        "DRPLANE_PASSWORD",
+        "DRPLANE_PROJECT",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -515,4 +742,350 @@ pub fn cli(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// TLS files of one node.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA the node trusts for its peers.
+    pub ca: PathBuf,
+}
+
+/// A throwaway certificate authority for TLS tests (made here with rcgen: the harness
+/// never links drplane's own PKI code).
+pub struct TestPki {
+    pub dir: PathBuf,
+    /// The CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    /// A new CA named `common_name`, its certificate written to `<dir>/ca.pem`.
+    pub fn new(dir: &Path, common_name: &str) -> anyhow::Result<TestPki> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let ca_key = KeyPair::generate()?;
+        let ca = params.self_signed(&ca_key)?;
+        let ca_cert = dir.join("ca.pem");
+        std::fs::write(&ca_cert, ca.pem())
+            .with_context(|| format!("writing {}", ca_cert.display()))?;
+        Ok(TestPki {
+            dir: dir.to_path_buf(),
+            ca_cert,
+            ca,
+            ca_key,
+        })
+    }
+
+    /// A certificate for `hosts` (DNS names or IPs), for server and client authentication,
+    /// written as `<name>.pem` / `<name>-key.pem`; the returned files trust this CA.
+    pub fn issue(&self, name: &str, hosts: &[&str]) -> anyhow::Result<NodeTls> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let mut params =
+            CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key)?;
+        let tls = NodeTls {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+            ca: self.ca_cert.clone(),
+        };
+        std::fs::write(&tls.cert, cert.pem())
+            .with_context(|| format!("writing {}", tls.cert.display()))?;
+        std::fs::write(&tls.key, key.serialize_pem())
+            .with_context(|| format!("writing {}", tls.key.display()))?;
+        Ok(tls)
+    }
+}
+
+/// An HTTPS client that trusts exactly the CA certificates in `ca_pems` (no system roots).
+pub fn https_client(ca_pems: &[&Path]) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(32);
+    for path in ca_pems {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        b = b.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("CA certificate {}", path.display()))?,
+        );
+    }
+    b.build().context("https client")
+}
+
+// ---- agents ----
+
+/// How one agent (`drplane agent`) is started.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub host: String,
+    pub site: String,
+    /// `sim` or `fs`.
+    pub driver: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    /// The nodes' URLs it discovers the leader through.
+    pub cluster: String,
+    pub extra_args: Vec<String>,
+}
+
+pub struct AgentProc {
+    pub spec: AgentSpec,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+fn spawn_agent_proc(spec: &AgentSpec) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("opening {}", spec.log.display()))?;
+    let log2 = log.try_clone()?;
+    let mut cmd = Command::new(drplane_bin()?);
+    for var in ["DRPLANE_TOKEN", "DRPLANE_PROJECT"] {
+        cmd.env_remove(var);
+    }
+    cmd.arg("agent")
+        .arg("--cluster")
+        .arg(&spec.cluster)
+        .arg("--host")
+        .arg(&spec.host)
+        .arg("--site")
+        .arg(&spec.site)
+        .arg("--driver")
+        .arg(&spec.driver)
+        .arg("--data")
+        .arg(&spec.data)
+        .args(&spec.extra_args)
+        .env(
+            "DRPLANE_LOG",
+            std::env::var("DRPLANE_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .env("DRPLANE_USER", "admin")
+        .env("DRPLANE_PASSWORD", ADMIN_PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    cmd.spawn().context("spawning drplane agent")
+}
+
+impl Cluster {
+    /// The nodes' URLs, comma-separated (what agents get as `--cluster`).
+    pub fn cluster_urls(&self) -> String {
+        self.nodes
+            .values()
+            .map(|n| n.spec.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Start an agent for `host` in `site` with `driver` (`sim` or `fs`), logging in as
+    /// admin to find the leader; its data and log live under the cluster's directory.
+    pub fn spawn_agent(&mut self, host: &str, site: &str, driver: &str) -> anyhow::Result<()> {
+        self.spawn_agent_with(host, site, driver, &[])
+    }
+
+    /// [`Cluster::spawn_agent`] with extra command-line arguments.
+    pub fn spawn_agent_with(
+        &mut self,
+        host: &str,
+        site: &str,
+        driver: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<()> {
+        if self.agents.contains_key(host) {
+            bail!("agent {host} exists; use restart_agent");
+        }
+        let spec = AgentSpec {
+            host: host.to_string(),
+            site: site.to_string(),
+            driver: driver.to_string(),
+            data: self.dir.path().join(format!("agent-{host}")),
+            log: self.dir.path().join(format!("agent-{host}.log")),
+            cluster: self.cluster_urls(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        let child = spawn_agent_proc(&spec)?;
+        self.agents.insert(
+            host.to_string(),
+            AgentProc {
+                spec,
+                child: Some(child),
+            },
+        );
+        Ok(())
+    }
+
+    fn agent_pid(&self, host: &str) -> anyhow::Result<u32> {
+        self.agents
+            .get(host)
+            .and_then(|a| a.pid())
+            .ok_or_else(|| anyhow!("agent {host} not running"))
+    }
+
+    /// SIGKILL an agent.
+    pub fn kill_agent(&mut self, host: &str) -> anyhow::Result<()> {
+        let agent = self
+            .agents
+            .get_mut(host)
+            .ok_or_else(|| anyhow!("no agent {host}"))?;
+        if let Some(mut c) = agent.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Start a killed agent again with the same host, site and data.
+    pub fn restart_agent(&mut self, host: &str) -> anyhow::Result<()> {
+        let agent = self
+            .agents
+            .get_mut(host)
+            .ok_or_else(|| anyhow!("no agent {host}"))?;
+        if agent.is_running() {
+            bail!("agent {host} is still running");
+        }
+        agent.child = Some(spawn_agent_proc(&agent.spec)?);
+        Ok(())
+    }
+
+    /// SIGSTOP / SIGCONT an agent.
+    pub fn pause_agent(&mut self, host: &str) -> anyhow::Result<()> {
+        signal(self.agent_pid(host)?, "STOP")
+    }
+
+    pub fn resume_agent(&mut self, host: &str) -> anyhow::Result<()> {
+        signal(self.agent_pid(host)?, "CONT")
+    }
+
+    pub fn is_agent_running(&mut self, host: &str) -> bool {
+        self.agents.get_mut(host).is_some_and(|a| a.is_running())
+    }
+
+    pub fn agent_log(&self, host: &str) -> String {
+        self.agents
+            .get(host)
+            .and_then(|a| std::fs::read_to_string(&a.spec.log).ok())
+            .unwrap_or_default()
+    }
+
+    /// What the agent recorded of every attempt it ended (`<data>/agent/completions.jsonl`,
+    /// one JSON object per line: task_id, job_id, kind, host, term, attempt, outcome,
+    /// reason, started_at_ms, finished_at_ms).
+    pub fn agent_completions(&self, host: &str) -> Vec<Value> {
+        let Some(a) = self.agents.get(host) else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(a.spec.data.join("agent").join("completions.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// `GET /drplane/v1/hosts` through any running node: host name -> host.
+    pub async fn hosts(&mut self) -> anyhow::Result<BTreeMap<String, Value>> {
+        let mut last = String::from("no node is running");
+        for id in self.ids() {
+            if !self.is_running(id) {
+                continue;
+            }
+            match self.get(id, "/drplane/v1/hosts").await {
+                Ok(r) if r.status == 200 => {
+                    return Ok(r.body["hosts"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|h| {
+                                    h["name"].as_str().map(|n| (n.to_string(), h.clone()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default())
+                }
+                Ok(r) => last = format!("node {id}: {} {}", r.status, r.text),
+                Err(e) => last = format!("node {id}: {e}"),
+            }
+        }
+        bail!("cannot list hosts: {last}")
+    }
+
+    /// Waits until every host in `hosts` shows `state` (`online` or `offline`).
+    pub async fn wait_hosts_state(
+        &mut self,
+        hosts: &[&str],
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<BTreeMap<String, Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.hosts().await;
+            if let Ok(all) = &seen {
+                if hosts
+                    .iter()
+                    .all(|h| all.get(*h).is_some_and(|v| v["state"] == state))
+                {
+                    return seen;
+                }
+            }
+            if Instant::now() > deadline {
+                let states: Vec<String> = match &seen {
+                    Ok(all) => all
+                        .iter()
+                        .map(|(n, v)| format!("{n}={}", v["state"]))
+                        .collect(),
+                    Err(e) => vec![e.to_string()],
+                };
+                let logs: Vec<String> = hosts
+                    .iter()
+                    .map(|h| {
+                        let text = self.agent_log(h);
+                        let lines: Vec<&str> = text.lines().collect();
+                        format!(
+                            "--- agent {h}:\n{}",
+                            lines[lines.len().saturating_sub(15)..].join("\n")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "hosts {hosts:?} not {state} within {timeout:?} (seen {states:?})\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }

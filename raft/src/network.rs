@@ -21,7 +21,7 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::forward::{ForwardRequest, ForwardResponse, NodeError};
 use crate::pb::raft_client::RaftClient;
@@ -29,9 +29,13 @@ use crate::pb::Blob;
 use crate::{NodeInfo, TypeConfig};
 
 /// Cached channels to peers, by raft address. Cheap to clone.
+///
+/// With a TLS configuration every channel is `https` with mutual TLS: the peer must present
+/// a certificate for its address signed by the cluster CA, and this node presents its own.
 #[derive(Clone, Default)]
 pub struct Channels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// A transport failure (not an answer from the peer).
@@ -46,16 +50,35 @@ pub enum TransportError {
 }
 
 impl Channels {
+    /// Channels that use mutual TLS when `tls` is given, plain HTTP/2 otherwise.
+    pub fn new(tls: Option<ClientTlsConfig>) -> Channels {
+        Channels {
+            inner: Arc::default(),
+            tls,
+        }
+    }
+
     pub fn channel(&self, addr: &str) -> Result<Channel, TransportError> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| TransportError::Failed {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| {
+            TransportError::Failed {
                 addr: addr.to_string(),
                 msg: format!("bad address: {e}"),
-            })?
+            }
+        })?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| TransportError::Failed {
+                    addr: addr.to_string(),
+                    msg: format!("TLS configuration: {e}"),
+                })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(2))

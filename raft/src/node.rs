@@ -50,6 +50,9 @@ pub struct RaftNodeConfig {
     pub keep_logs: u64,
     /// Deadline for a client request through the cluster.
     pub request_timeout: Duration,
+    /// Mutual TLS for node-to-node RPC (this node's identity and the cluster CA); None
+    /// for plain HTTP/2.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl RaftNodeConfig {
@@ -58,12 +61,16 @@ impl RaftNodeConfig {
             id,
             info,
             data_dir,
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            // openraft 0.9 starts an election only after the leader lease (= election max)
+            // plus a random election timeout have passed without a heartbeat: with these
+            // values a dead leader is replaced 270-360 ms after its last heartbeat.
+            heartbeat_ms: 40,
+            election_timeout_min_ms: 90,
+            election_timeout_max_ms: 180,
             snapshot_logs: 10_000,
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -106,6 +113,7 @@ pub struct RaftNode {
     channels: Channels,
     batcher: mpsc::Sender<Pending>,
     request_timeout: Duration,
+    election_timeout_max_ms: u64,
     boot_ms: u64,
     next_request: AtomicU64,
 }
@@ -142,7 +150,9 @@ impl RaftNode {
         }
         .validate()
         .context("raft configuration")?;
-        let network = Network::default();
+        let network = Network {
+            channels: Channels::new(cfg.tls.clone()),
+        };
         let channels = network.channels.clone();
         let raft = Raft::new(cfg.id, Arc::new(config), network, log_store.clone(), sm)
             .await
@@ -159,6 +169,7 @@ impl RaftNode {
             channels,
             batcher: tx,
             request_timeout: cfg.request_timeout,
+            election_timeout_max_ms: cfg.election_timeout_max_ms,
             boot_ms: now_ms(),
             next_request: AtomicU64::new(0),
         });
@@ -596,6 +607,19 @@ impl RaftNode {
         let Some(leader) = m.current_leader else {
             return (false, "no leader is known".into());
         };
+        if leader == self.id {
+            // A leader restarted from disk believes in its old term until a quorum answers;
+            // only a leader that heard from a quorum recently is ready.
+            let fresh = m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms <= self.election_timeout_max_ms);
+            if !fresh {
+                return (
+                    false,
+                    "leader without a recent quorum acknowledgment".into(),
+                );
+            }
+        }
         let applied = m.last_applied.map(|l| l.index);
         let committed = self.log_store.committed_index();
         if committed.is_some() && applied < committed {

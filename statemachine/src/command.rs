@@ -23,6 +23,12 @@ pub enum Command {
     DeleteSite {
         name: String,
     },
+    /// Projects, users, roles, credentials and tokens (`crate::identity`).
+    Identity(crate::identity::IdentityCommand),
+    /// Hosts, workloads and reservations (`crate::inventory`).
+    Inventory(crate::inventory::InventoryCommand),
+    /// Jobs and their tasks (`crate::jobs`).
+    Jobs(crate::jobs::JobsCommand),
 }
 
 impl Command {
@@ -42,6 +48,9 @@ impl Command {
                 Ok(())
             }
             Command::DeleteSite { name } => validate_site_name(name),
+            Command::Identity(cmd) => cmd.validate(),
+            Command::Inventory(cmd) => cmd.validate(),
+            Command::Jobs(cmd) => cmd.validate(),
         }
     }
 
@@ -51,6 +60,9 @@ impl Command {
             Command::Noop => "noop",
             Command::CreateSite { .. } => "create_site",
             Command::DeleteSite { .. } => "delete_site",
+            Command::Identity(cmd) => cmd.kind(),
+            Command::Inventory(cmd) => cmd.kind(),
+            Command::Jobs(cmd) => cmd.kind(),
         }
     }
 }
@@ -109,6 +121,17 @@ pub struct ProposalBatch {
 pub enum Outcome {
     Done,
     Site(Site),
+    Identity(crate::identity::IdentityOutcome),
+    /// A host as stored after the command (`crate::inventory`).
+    Host(Box<crate::inventory::Host>),
+    /// The workloads as stored after the command.
+    Workloads(Vec<crate::inventory::Workload>),
+    /// A job as stored after the command (`crate::jobs`).
+    Job(Box<crate::jobs::Job>),
+    /// A task as stored after the command.
+    Task(Box<crate::jobs::Task>),
+    /// Ids of the tasks a command acted on (e.g. whose lease it expired).
+    TaskIds(Vec<String>),
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

@@ -15,4 +15,26 @@
 //! `apply` must stay deterministic: read only through the `Txn`, take time only from `now`.
 
 /// Column families of the domain modules, after the store's own.
-pub const EXTRA_CFS: &[&str] = &[];
+pub const EXTRA_CFS: &[&str] = &[
+    // identity.rs (crate::identity::CFS)
+    crate::identity::CF_IDENTITY,
+    crate::identity::CF_TOKENS,
+    // inventory.rs (crate::inventory::CFS)
+    crate::inventory::CF_HOSTS,
+    crate::inventory::CF_HOSTS_BY_SITE,
+    crate::inventory::CF_SERVERS,
+    crate::inventory::CF_SHARES,
+    crate::inventory::CF_DATABASES,
+    crate::inventory::CF_WORKLOADS_BY_HOST,
+    crate::inventory::CF_WORKLOADS_BY_PROJECT,
+    crate::inventory::CF_RESERVATIONS_BY_HOLDER,
+    // jobs.rs (crate::jobs::CFS)
+    crate::jobs::CF_JOBS,
+    crate::jobs::CF_TASKS,
+    crate::jobs::CF_JOBS_BY_TIME,
+    crate::jobs::CF_JOBS_BY_PROJECT,
+    crate::jobs::CF_JOBS_FINISHED,
+    crate::jobs::CF_TASKS_READY,
+    crate::jobs::CF_TASK_LEASES,
+    crate::jobs::CF_TASKS_BY_HOST,
+];

@@ -103,6 +103,7 @@ impl Store {
             let now = prev.max(batch.time_ms);
             txn.put(CF_META, KEY_CLOCK, encode(&now)?)?;
             self.expire_requests(&mut txn, now)?;
+            crate::jobs::purge_finished(&mut txn, now)?;
 
             results.reserve(batch.proposals.len());
             for proposal in &batch.proposals {
@@ -301,9 +302,17 @@ fn apply_command(
                     id: name.clone(),
                 }));
             }
+            if let Some(host) = crate::inventory::host_in_site(txn, name)? {
+                return Ok(Err(CommandError::Conflict(format!(
+                    "site '{name}' still has hosts (e.g. '{host}'); delete or move them first"
+                ))));
+            }
             txn.delete(CF_SITES, name.as_bytes())?;
             Ok(Ok(Outcome::Done))
         }
+        Command::Identity(cmd) => Ok(crate::identity::apply(txn, cmd, now)?.map(Outcome::Identity)),
+        Command::Inventory(cmd) => crate::inventory::apply(txn, cmd, now),
+        Command::Jobs(cmd) => crate::jobs::apply(txn, cmd, now),
     }
 }
 

@@ -13,6 +13,11 @@ use serde::Serialize;
 use crate::codec::{decode, encode};
 use crate::error::StoreError;
 
+/// One raw (key, value) pair.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+/// Raw (key, value) pairs in key order.
+pub type KeyValues = Vec<KeyValue>;
+
 /// The pending writes of one entry, with read-your-writes for point lookups.
 pub struct Txn<'a> {
     db: &'a DB,
@@ -60,6 +65,12 @@ impl<'a> Txn<'a> {
         self.batch
     }
 
+    /// The store under the overlay, for ordered scans that stop early (e.g. expiry indexes);
+    /// such reads do not see this entry's staged writes.
+    pub(crate) fn db(&self) -> &'a DB {
+        self.db
+    }
+
     /// Read and decode a record.
     pub fn get_record<T: DeserializeOwned>(
         &self,
@@ -85,11 +96,7 @@ impl<'a> Txn<'a> {
 
     /// Every (key, value) whose key starts with `prefix`, in key order, as this entry sees
     /// them (store merged with the overlay).
-    pub fn scan_prefix(
-        &self,
-        cf: &'static str,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, cf: &'static str, prefix: &[u8]) -> Result<KeyValues, StoreError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         let handle = self.cf(cf)?;
         for item in self
@@ -111,6 +118,61 @@ impl<'a> Txn<'a> {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
+    }
+
+    /// The first `limit` (key, value) pairs whose key starts with `prefix`, in key order,
+    /// as this entry sees them. Unlike [`Txn::scan_prefix`] it reads only as far into the
+    /// store as it needs (plus keys this entry deleted), for bounded work per entry
+    /// (expiry and purge scans over time-ordered indexes).
+    pub fn scan_prefix_limit(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<KeyValues, StoreError> {
+        let mut staged: BTreeMap<&[u8], &Option<Vec<u8>>> = BTreeMap::new();
+        for ((c, k), v) in &self.overlay {
+            if *c == cf && k.starts_with(prefix) {
+                staged.insert(k.as_slice(), v);
+            }
+        }
+        let mut staged = staged.into_iter().peekable();
+        let mut out = Vec::new();
+        let handle = self.cf(cf)?;
+        let mut stored = self
+            .db
+            .iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward));
+        let mut next_stored = || -> Result<Option<KeyValue>, StoreError> {
+            match stored.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    Ok(k.starts_with(prefix).then(|| (k.to_vec(), v.to_vec())))
+                }
+                None => Ok(None),
+            }
+        };
+        let mut cur = next_stored()?;
+        while out.len() < limit {
+            let take_staged = match (&cur, staged.peek()) {
+                (None, None) => break,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (Some((sk, _)), Some((ok, _))) => ok <= &sk.as_slice(),
+            };
+            if take_staged {
+                let Some((k, v)) = staged.next() else { break };
+                if cur.as_ref().is_some_and(|(sk, _)| sk.as_slice() == k) {
+                    cur = next_stored()?;
+                }
+                if let Some(v) = v {
+                    out.push((k.to_vec(), v.clone()));
+                }
+            } else if let Some(kv) = cur.take() {
+                out.push(kv);
+                cur = next_stored()?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -138,5 +200,36 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, vec![b"p/2".to_vec(), b"p/3".to_vec()]);
+    }
+
+    #[test]
+    fn scan_prefix_limit_merges_and_stops_early() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut txn = super::Txn::new(&store.db);
+        for k in [&b"p/1"[..], b"p/3", b"p/5", b"q/1"] {
+            txn.put(CF_SITES, k, k.to_vec()).expect("put");
+        }
+        store.db.write(txn.into_batch()).expect("write");
+
+        let mut txn = super::Txn::new(&store.db);
+        txn.delete(CF_SITES, b"p/1").expect("delete");
+        txn.put(CF_SITES, b"p/2", b"two".to_vec()).expect("put");
+        txn.put(CF_SITES, b"p/3", b"three".to_vec()).expect("put");
+        let got = txn.scan_prefix_limit(CF_SITES, b"p/", 10).expect("scan");
+        assert_eq!(got, txn.scan_prefix(CF_SITES, b"p/").expect("full scan"));
+        let keys: Vec<Vec<u8>> = got.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(
+            keys,
+            vec![b"p/2".to_vec(), b"p/3".to_vec(), b"p/5".to_vec()]
+        );
+        assert_eq!(got[1].1, b"three".to_vec());
+        let two = txn.scan_prefix_limit(CF_SITES, b"p/", 2).expect("scan");
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[1].0, b"p/3".to_vec());
+        assert!(txn
+            .scan_prefix_limit(CF_SITES, b"p/", 0)
+            .expect("scan")
+            .is_empty());
     }
 }

@@ -1,10 +1,15 @@
 //! A one-node [`ControlPlane`] over a real [`Store`] in a temporary directory, with
 //! switchable faults, and helpers to call the router in process.
+//!
+//! Identity: [`setup`] bootstraps the store (project `admin`, user `admin` with
+//! [`ADMIN_PASSWORD`]) and issues [`ADMIN_TOKEN`]; [`send`] adds that token to every request
+//! that carries no credentials of its own. [`send_raw`] sends exactly what it is given, and
+//! [`setup_fresh`] gives a router over a store with no identity yet.
 
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -234,10 +239,88 @@ impl ControlPlane for FakeCluster {
     }
 }
 
-/// A router over a fresh fake cluster.
+/// The `admin` user's password in [`setup`]'s store (also the server's
+/// `DRPLANE_ADMIN_PASSWORD` in its options).
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+/// A token of `admin` on project `admin`, valid for an hour.
+pub const ADMIN_TOKEN: &str = "adadadadadadadadadadadadadadadadadadadadadadadadadadadadadadadad";
+pub const ADMIN_USER_ID: &str = "admin-user";
+pub const ADMIN_PROJECT_ID: &str = "admin-project";
+
+/// argon2 of [`ADMIN_PASSWORD`], computed once per test binary.
+pub fn admin_password_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        drplane_api::auth::tokens::hash_password(ADMIN_PASSWORD).expect("hash the admin password")
+    })
+}
+
+/// Options of the routers built here: the admin password as `DRPLANE_ADMIN_PASSWORD`.
+pub fn test_auth_options() -> drplane_api::AuthOptions {
+    drplane_api::AuthOptions {
+        admin_password: Some(ADMIN_PASSWORD.to_string()),
+        ..Default::default()
+    }
+}
+
+impl FakeCluster {
+    /// Applies identity commands directly (as committed entries), returning their outcomes.
+    pub fn apply_identity(
+        &self,
+        cmds: Vec<drplane_statemachine::identity::IdentityCommand>,
+    ) -> Vec<CommandResult> {
+        let _guard = self.apply.lock().expect("lock");
+        let batch = ProposalBatch {
+            time_ms: now_ms(),
+            proposals: cmds
+                .into_iter()
+                .map(|c| Proposal {
+                    request_id: None,
+                    command: drplane_statemachine::Command::Identity(c),
+                })
+                .collect(),
+        };
+        self.store
+            .apply_entry(Some(&batch), b"fake-meta")
+            .expect("apply identity")
+    }
+
+    /// Bootstraps `admin` and issues [`ADMIN_TOKEN`].
+    pub fn bootstrap_identity(&self) {
+        use drplane_statemachine::identity::{Bootstrap, IdentityCommand};
+        let results = self.apply_identity(vec![
+            IdentityCommand::Bootstrap(Bootstrap {
+                admin_project_id: ADMIN_PROJECT_ID.into(),
+                admin_user_id: ADMIN_USER_ID.into(),
+                admin_password_hash: admin_password_hash().to_string(),
+                demo: None,
+            }),
+            IdentityCommand::IssueToken {
+                token_hash: drplane_api::auth::tokens::sha256_hex(ADMIN_TOKEN),
+                user_id: ADMIN_USER_ID.into(),
+                project_id: ADMIN_PROJECT_ID.into(),
+                method: "issued".into(),
+                ttl_ms: 3_600_000,
+            },
+        ]);
+        for r in results {
+            r.expect("bootstrap identity");
+        }
+    }
+}
+
+/// A router over a fresh fake cluster whose identity is bootstrapped (see the module docs).
 pub fn setup() -> (Arc<FakeCluster>, axum::Router) {
     let cp = FakeCluster::new();
-    let router = drplane_api::router(cp.clone());
+    cp.bootstrap_identity();
+    let router = drplane_api::router_with(cp.clone(), test_auth_options());
+    (cp, router)
+}
+
+/// A router over a fake cluster with no identity yet (as before the first init).
+pub fn setup_fresh() -> (Arc<FakeCluster>, axum::Router) {
+    let cp = FakeCluster::new();
+    let router = drplane_api::router_with(cp.clone(), test_auth_options());
     (cp, router)
 }
 
@@ -269,7 +352,24 @@ impl Answer {
     }
 }
 
-pub async fn send(router: &axum::Router, req: Request<Body>) -> Answer {
+/// Sends `req`, adding `X-Auth-Token: ADMIN_TOKEN` unless it has credentials of its own
+/// (`X-Auth-Token`, `Authorization` or `ES-API-KEY`).
+pub async fn send(router: &axum::Router, mut req: Request<Body>) -> Answer {
+    let h = req.headers();
+    if !h.contains_key("x-auth-token")
+        && !h.contains_key("authorization")
+        && !h.contains_key("es-api-key")
+    {
+        req.headers_mut().insert(
+            "x-auth-token",
+            axum::http::HeaderValue::from_static(ADMIN_TOKEN),
+        );
+    }
+    send_raw(router, req).await
+}
+
+/// Sends `req` exactly as given.
+pub async fn send_raw(router: &axum::Router, req: Request<Body>) -> Answer {
     let resp: Response<Body> = router.clone().oneshot(req).await.expect("infallible");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
