@@ -64,13 +64,17 @@ drplane_round() {  # round
   local leader
   leader=$(curl -s "http://127.0.0.1:$((BASE_PORT + 1))/drplane/v1/cluster" \
     | python3 -c 'import json,sys; j=json.load(sys.stdin); print([m["http"] for m in j["members"] if m["leader"]][0])')
+  local token
+  token=$(DRPLANE_ENDPOINT="http://$leader" DRPLANE_USER=admin \
+    DRPLANE_PASSWORD=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin_password"])' "$dir/credentials.json") \
+    "$BIN" identity login)
   log "drplane round $r: leader http $leader; $(fsync_floor "drplane-$r" "$dir")"
   for c in $CONNS; do
     local t=$(( c < 2 ? c : 2 ))
-    WRK_PATH=/drplane/v1/sites WRK_BODY='{"name":"{{key}}","description":"{{value}}"}' \
+    WRK_AUTH_TOKEN="$token" WRK_PATH=/drplane/v1/sites WRK_BODY='{"name":"{{key}}","description":"{{value}}"}' \
       wrk -t"$t" -c"$c" -d"${WARMUP}s" --timeout 10s --latency -s "$HERE/wrk_unique_kv.lua" \
       "http://$leader" -- put "warm$r-c$c" > "$OUT/drplane-warm-$r-c$c.txt" 2>&1 || true
-    WRK_PATH=/drplane/v1/sites WRK_BODY='{"name":"{{key}}","description":"{{value}}"}' \
+    WRK_AUTH_TOKEN="$token" WRK_PATH=/drplane/v1/sites WRK_BODY='{"name":"{{key}}","description":"{{value}}"}' \
       wrk -t"$t" -c"$c" -d"${DURATION}s" --timeout 10s --latency -s "$HERE/wrk_unique_kv.lua" \
       "http://$leader" -- put "r$r-c$c" > "$OUT/drplane-put-$r-c$c.txt" 2>&1 || true
     log "drplane put c=$c: $(grep WRK_RESULT "$OUT/drplane-put-$r-c$c.txt" || echo FAILED)"

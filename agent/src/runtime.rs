@@ -50,6 +50,8 @@ use crate::sim::SplitMix64;
 const OUTBOUND_QUEUE: usize = 4096;
 /// Results kept for the next session when none is open.
 const UNDELIVERED_MAX: usize = 10_000;
+/// Rounds over the known members between two discoveries.
+const REDISCOVER_ROUNDS: u32 = 3;
 /// How often the pools' free bytes are read from the driver.
 const POOLS_REFRESH: Duration = Duration::from_secs(10);
 
@@ -88,7 +90,7 @@ impl RuntimeConfig {
             data_address: String::new(),
             workloads: Vec::new(),
             heartbeat_every: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             progress_every: Duration::from_secs(1),
@@ -321,13 +323,20 @@ impl Agent {
         let mut next: VecDeque<String> = VecDeque::new();
         let mut backoff = self.cfg.backoff_min;
         let mut redirects = 0u32;
+        let mut rounds = 0u32;
         while !shutdown.is_cancelled() {
             if next.is_empty() {
-                match self.discovery.members().await {
-                    Ok(m) if !m.is_empty() => members = m,
-                    Ok(_) => tracing::warn!("the cluster lists no members"),
-                    Err(e) => tracing::warn!(error = %e, "cannot discover the cluster"),
+                // Ask the cluster again every few rounds; in between, the members already
+                // known answer with a Redirect to the leader.
+                if members.is_empty() || rounds >= REDISCOVER_ROUNDS {
+                    rounds = 0;
+                    match self.discovery.members().await {
+                        Ok(m) if !m.is_empty() => members = m,
+                        Ok(_) => tracing::warn!("the cluster lists no members"),
+                        Err(e) => tracing::warn!(error = %e, "cannot discover the cluster"),
+                    }
                 }
+                rounds += 1;
                 next.extend(members.iter().cloned());
                 if next.is_empty() {
                     self.pause(&mut backoff, &mut rng, &shutdown).await;
@@ -365,10 +374,12 @@ impl Agent {
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = self.cfg.backoff_min;
                     }
-                    // The same node first (it may still lead), then the others.
+                    // The others first: a leader that stopped answering (paused, cut off)
+                    // would hold a connection attempt until its timeout, while a live
+                    // follower redirects at once. The same node last.
                     next.clear();
-                    next.push_back(addr.clone());
                     next.extend(members.iter().filter(|m| **m != addr).cloned());
+                    next.push_back(addr.clone());
                     self.pause(&mut backoff, &mut rng, &shutdown).await;
                 }
                 SessionEnd::Failed { reason } => {
@@ -426,8 +437,9 @@ impl Agent {
         }
         .connect_timeout(self.cfg.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(5))
+        // A leader that stops answering (paused, partitioned) is left within ~4 s.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
         .keep_alive_while_idle(true);
         let channel = match tokio::time::timeout(self.cfg.connect_timeout, endpoint.connect()).await
         {
@@ -966,4 +978,386 @@ pub fn read_completions(path: &Path) -> Result<Vec<CompletionRecord>, RuntimeErr
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use drplane_statemachine::jobs::VolumeRef;
+    use futures::Stream;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::control::pb::agent_control_server::{AgentControl, AgentControlServer};
+    use crate::control::pb::ControlFrame;
+    use crate::sim::{SimConfig, SimDriver, SimNetwork};
+
+    type Out = Pin<Box<dyn Stream<Item = Result<ControlFrame, Status>> + Send + 'static>>;
+
+    /// One session the fake leader accepted.
+    struct FakeSession {
+        hello: Hello,
+        inbound: UnboundedReceiver<AgentMessage>,
+        outbound: UnboundedSender<Result<ControlFrame, Status>>,
+    }
+
+    impl FakeSession {
+        fn send(&self, msg: ControlMessage) {
+            let frame = msg.to_frame().expect("encode");
+            self.outbound.send(Ok(frame)).expect("session open");
+        }
+
+        /// The next progress or result (heartbeats skipped).
+        async fn report(&mut self) -> AgentMessage {
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(5), self.inbound.recv())
+                    .await
+                    .expect("a report within 5 s")
+                    .expect("session open");
+                if !matches!(m, AgentMessage::Heartbeat { .. }) {
+                    return m;
+                }
+            }
+        }
+
+        /// The next result (progress skipped).
+        async fn result(&mut self) -> (String, FencingToken, TaskOutcome) {
+            loop {
+                if let AgentMessage::Result {
+                    task_id,
+                    token,
+                    outcome,
+                } = self.report().await
+                {
+                    return (task_id, token, outcome);
+                }
+            }
+        }
+
+        /// No result arrives for `d`.
+        async fn no_result_for(&mut self, d: Duration) {
+            let deadline = tokio::time::Instant::now() + d;
+            loop {
+                match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
+                    Err(_) => return,
+                    Ok(Some(AgentMessage::Result { task_id, .. })) => {
+                        panic!("unexpected result for {task_id}")
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("session closed"),
+                }
+            }
+        }
+    }
+
+    struct Fake {
+        sessions: UnboundedSender<FakeSession>,
+    }
+
+    #[tonic::async_trait]
+    impl AgentControl for Fake {
+        type ConnectStream = Out;
+
+        async fn connect(
+            &self,
+            req: Request<Streaming<AgentFrame>>,
+        ) -> Result<Response<Out>, Status> {
+            let mut inbound = req.into_inner();
+            let (otx, orx) = unbounded_channel();
+            let (itx, irx) = unbounded_channel();
+            let sessions = self.sessions.clone();
+            tokio::spawn(async move {
+                let Ok(Some(f)) = inbound.message().await else {
+                    return;
+                };
+                let Ok(AgentMessage::Hello(hello)) = AgentMessage::from_frame(&f) else {
+                    return;
+                };
+                let _ = sessions.send(FakeSession {
+                    hello: *hello,
+                    inbound: irx,
+                    outbound: otx,
+                });
+                while let Ok(Some(f)) = inbound.message().await {
+                    match AgentMessage::from_frame(&f) {
+                        Ok(m) => {
+                            if itx.send(m).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(orx),
+            )))
+        }
+    }
+
+    /// A follower: answers Redirect to `to`.
+    struct Follower {
+        to: String,
+    }
+
+    #[tonic::async_trait]
+    impl AgentControl for Follower {
+        type ConnectStream = Out;
+
+        async fn connect(
+            &self,
+            _req: Request<Streaming<AgentFrame>>,
+        ) -> Result<Response<Out>, Status> {
+            let msg = ControlMessage::Redirect {
+                leader_id: Some(1),
+                leader: Some(self.to.clone()),
+            };
+            let frame = msg
+                .to_frame()
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
+                frame,
+            )]))))
+        }
+    }
+
+    async fn serve<S: AgentControl>(svc: S) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentControlServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn assign(task: &str, kind: TaskKind, term: u64, attempt: u32) -> ControlMessage {
+        ControlMessage::Assign(Box::new(Assignment {
+            task_id: task.into(),
+            job_id: "job-1".into(),
+            kind,
+            token: FencingToken { term, attempt },
+            lease_until_ms: now_ms() + 10_000,
+        }))
+    }
+
+    fn sleep(ms: u64, fail_attempts: u32) -> TaskKind {
+        TaskKind::Sleep {
+            duration_ms: ms,
+            fail_attempts,
+        }
+    }
+
+    fn tok(term: u64, attempt: u32) -> FencingToken {
+        FencingToken { term, attempt }
+    }
+
+    fn succeeded(o: &TaskOutcome) -> bool {
+        matches!(o, TaskOutcome::Succeeded { .. })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follows_redirects_and_runs_tasks_once_by_id() {
+        let (stx, mut srx) = unbounded_channel();
+        let leader = serve(Fake { sessions: stx }).await;
+        let follower = serve(Follower { to: leader.clone() }).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = RuntimeConfig::new("h1", "s1", dir.path().join("agent"));
+        cfg.heartbeat_every = Duration::from_millis(100);
+        cfg.progress_every = Duration::from_millis(50);
+        cfg.backoff_min = Duration::from_millis(20);
+        cfg.backoff_max = Duration::from_millis(200);
+        cfg.data_address = "sim://h1".into();
+        let driver = Arc::new(SimDriver::new(
+            SimConfig {
+                host: "h1".into(),
+                ..Default::default()
+            },
+            SimNetwork::new(),
+        ));
+        let agent =
+            Agent::new(cfg, driver, Arc::new(StaticDiscovery(vec![follower]))).expect("agent");
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(agent.clone().run(stop.clone()));
+
+        // The follower redirected the agent to the leader.
+        let mut s = tokio::time::timeout(Duration::from_secs(5), srx.recv())
+            .await
+            .expect("a session within 5 s")
+            .expect("session");
+        assert_eq!(s.hello.host.name, "h1");
+        assert_eq!(s.hello.host.site, "s1");
+        assert_eq!(s.hello.protocol, PROTOCOL_VERSION);
+        assert_eq!(s.hello.host.capacity.pools.len(), 1);
+        s.send(ControlMessage::Welcome {
+            leader_id: 1,
+            term: 1,
+            warnings: vec!["a warning".into()],
+        });
+
+        // A task runs: progress (assigned -> running), then its result.
+        s.send(assign("t1", sleep(100, 0), 1, 1));
+        match s.report().await {
+            AgentMessage::Progress { task_id, token, .. } => {
+                assert_eq!((task_id.as_str(), token), ("t1", tok(1, 1)))
+            }
+            other => panic!("expected progress, got {other:?}"),
+        }
+        let (id, token, outcome) = s.result().await;
+        assert_eq!((id.as_str(), token), ("t1", tok(1, 1)));
+        assert!(succeeded(&outcome), "{outcome:?}");
+
+        // The same assignment again: the result is re-reported, the task not re-run.
+        s.send(assign("t1", sleep(100, 0), 1, 1));
+        let (id, token, outcome) = s.result().await;
+        assert_eq!((id.as_str(), token), ("t1", tok(1, 1)));
+        assert!(succeeded(&outcome));
+        // A newer token for a finished success: reported under it, still not re-run.
+        s.send(assign("t1", sleep(100, 0), 2, 2));
+        let (_, token, outcome) = s.result().await;
+        assert_eq!(token, tok(2, 2));
+        assert!(succeeded(&outcome));
+        // An older token is ignored.
+        s.send(assign("t1", sleep(100, 0), 1, 1));
+        s.no_result_for(Duration::from_millis(300)).await;
+
+        // A failed attempt runs again under the next token.
+        s.send(assign("t2", sleep(50, 1), 1, 1));
+        let (_, token, outcome) = s.result().await;
+        assert_eq!(token, tok(1, 1));
+        assert!(
+            matches!(&outcome, TaskOutcome::Failed { retryable: true, reason } if reason.contains("injected")),
+            "{outcome:?}"
+        );
+        s.send(assign("t2", sleep(50, 1), 1, 2));
+        let (_, token, outcome) = s.result().await;
+        assert_eq!(token, tok(1, 2));
+        assert!(succeeded(&outcome));
+
+        // A running task adopts a newer token and reports under it.
+        s.send(assign("t3", sleep(400, 0), 1, 1));
+        s.send(assign("t3", sleep(400, 0), 3, 2));
+        let (_, token, outcome) = s.result().await;
+        assert_eq!(token, tok(3, 2));
+        assert!(succeeded(&outcome));
+
+        // Cancel stops a task; assigned again later, it starts afresh.
+        s.send(assign("t4", sleep(60_000, 0), 1, 1));
+        match s.report().await {
+            AgentMessage::Progress { task_id, .. } => assert_eq!(task_id, "t4"),
+            other => panic!("expected progress, got {other:?}"),
+        }
+        s.send(ControlMessage::Cancel {
+            task_id: "t4".into(),
+        });
+        s.no_result_for(Duration::from_millis(300)).await;
+        s.send(assign("t4", sleep(50, 0), 1, 2));
+        let (id, token, outcome) = s.result().await;
+        assert_eq!((id.as_str(), token), ("t4", tok(1, 2)));
+        assert!(succeeded(&outcome));
+
+        // Kinds the agent cannot run yet fail with a reason, not retryable.
+        let vol = VolumeRef {
+            host: "h1".into(),
+            pool: "default".into(),
+            volume_id: "v1".into(),
+            path: String::new(),
+            size_bytes: 1 << 20,
+            layout: VolumeLayout::Block,
+        };
+        s.send(assign(
+            "t5",
+            TaskKind::Sync {
+                pair_id: "p1".into(),
+                source: vol.clone(),
+                target: vol.clone(),
+                bwlimit_bytes_per_sec: None,
+                full: false,
+            },
+            1,
+            1,
+        ));
+        let (_, _, outcome) = s.result().await;
+        assert!(
+            matches!(&outcome, TaskOutcome::Failed { retryable: false, reason } if reason.contains("not supported")),
+            "{outcome:?}"
+        );
+        // Driver-backed kinds run through the driver.
+        s.send(assign(
+            "t6",
+            TaskKind::CreateTarget {
+                pair_id: "p1".into(),
+                source: vol.clone(),
+                target: vol.clone(),
+            },
+            1,
+            1,
+        ));
+        let (_, _, outcome) = s.result().await;
+        match &outcome {
+            TaskOutcome::Succeeded { output } => {
+                assert_eq!(output.get("volume_id").map(String::as_str), Some("v1"));
+                assert_eq!(output.get("fenced").map(String::as_str), Some("true"));
+            }
+            other => panic!("create target: {other:?}"),
+        }
+        let mut other_host = vol.clone();
+        other_host.host = "h2".into();
+        s.send(assign(
+            "t7",
+            TaskKind::Fence {
+                pair_id: "p1".into(),
+                volume: other_host,
+            },
+            1,
+            1,
+        ));
+        let (_, _, outcome) = s.result().await;
+        assert!(
+            matches!(&outcome, TaskOutcome::Failed { retryable: false, reason } if reason.contains("h2")),
+            "{outcome:?}"
+        );
+
+        // The session ends while a task runs: its result goes out on the next session.
+        s.send(assign("t8", sleep(300, 0), 1, 1));
+        match s.report().await {
+            AgentMessage::Progress { task_id, .. } => assert_eq!(task_id, "t8"),
+            other => panic!("expected progress, got {other:?}"),
+        }
+        drop(s);
+        let mut s = tokio::time::timeout(Duration::from_secs(5), srx.recv())
+            .await
+            .expect("a new session within 5 s")
+            .expect("session");
+        s.send(ControlMessage::Welcome {
+            leader_id: 1,
+            term: 2,
+            warnings: Vec::new(),
+        });
+        let (id, token, outcome) = s.result().await;
+        assert_eq!((id.as_str(), token), ("t8", tok(1, 1)));
+        assert!(succeeded(&outcome));
+
+        // Every attempt that ended is recorded once: t1 once, t2 twice, t4 once (the
+        // cancelled run is not), …
+        let recs = read_completions(agent.completions_path()).expect("completions");
+        let count = |id: &str| recs.iter().filter(|r| r.task_id == id).count();
+        assert_eq!(count("t1"), 1);
+        assert_eq!(count("t2"), 2);
+        assert_eq!(count("t3"), 1);
+        assert_eq!(count("t4"), 1);
+        assert_eq!(count("t8"), 1);
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the agent stops")
+            .expect("join")
+            .expect("run");
+    }
 }

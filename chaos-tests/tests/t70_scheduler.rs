@@ -521,3 +521,102 @@ async fn a_late_report_with_a_stale_token_is_refused() -> anyhow::Result<()> {
     assert_eq!(after, &before, "the stale report changed the task");
     Ok(())
 }
+
+/// A leader id as seen by the nodes other than `except`, once they agree on one that is
+/// not `except`.
+async fn wait_other_leader(c: &mut Cluster, except: u64, timeout: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut seen = Vec::new();
+        for id in c.ids() {
+            if id == except || !c.is_running(id) {
+                continue;
+            }
+            if let Ok(r) = c.get(id, "/drplane/v1/cluster?consistency=stale").await {
+                if let Some(l) = r.body["leader_id"].as_u64() {
+                    seen.push(l);
+                }
+            }
+        }
+        if let Some(first) = seen.first() {
+            if *first != except && seen.iter().all(|l| l == first) {
+                return Ok(*first);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no new leader within {timeout:?} (seen {seen:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_leader_is_replaced_and_comes_back_deposed() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(&SITES, &[]).await?;
+    for (h, s) in [("h1", "site-a"), ("h2", "site-b"), ("h3", "site-c")] {
+        c.spawn_agent(h, s, "sim")?;
+    }
+    c.wait_hosts_state(&["h1", "h2", "h3"], "online", Duration::from_secs(30))
+        .await?;
+    let body = json!({"tasks": [
+        {"name": "a", "duration_ms": 1500},
+        {"name": "b", "duration_ms": 1500, "depends_on": ["a"]},
+        {"name": "c", "duration_ms": 1000, "depends_on": ["b"]},
+        {"name": "d", "duration_ms": 2500},
+    ]});
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(create_job(&mut c, &body).await?);
+    }
+    let first = ids[0].clone();
+    wait_job(
+        &mut c,
+        &first,
+        Duration::from_secs(20),
+        "task a running",
+        |j| task(j, "a").is_ok_and(|t| t["status"] == "running"),
+    )
+    .await?;
+
+    // The leader freezes with its agents' sessions open: they must notice and move on.
+    let old = c.wait_leader(Duration::from_secs(10)).await?;
+    c.pause(old)?;
+    let new = wait_other_leader(&mut c, old, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Back, it learns of the new term and stays deposed: it assigns nothing more.
+    c.resume(old)?;
+
+    let jobs = wait_ended(&mut c, &ids, Duration::from_secs(90)).await?;
+    check_exactly_once(&c, &jobs)?;
+    for j in &jobs {
+        for t in j["tasks"].as_array().context("tasks")? {
+            assert_eq!(
+                t["attempt"], 1,
+                "a lease expired across the leader change: {t}"
+            );
+        }
+    }
+    // (The returning node may disturb an election or two; whoever leads in the end runs
+    // the only scheduler, and every agent finds it.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = c.wait_leader(Duration::from_secs(20)).await?;
+        let agents = leader_metric(&mut c, "drplane_scheduler_connected_agents").await?;
+        let mut others_idle = true;
+        for id in c.ids() {
+            if id != leader {
+                let r = c.get(id, "/metrics").await?;
+                others_idle &= r.text.contains("drplane_scheduler_active 0");
+            }
+        }
+        if agents == 3.0 && others_idle {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("after the leader change (old {old}, new {new}, now {leader}): {agents} agents on the leader, other schedulers idle: {others_idle}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

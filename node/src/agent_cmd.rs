@@ -428,21 +428,49 @@ fn init_tracing(filter: &str, json: bool) {
 struct HttpDiscovery {
     cluster: String,
     credentials: Credentials,
+    next: std::sync::atomic::AtomicUsize,
 }
+
+/// One node gets this long to answer discovery (a paused node accepts connections but
+/// never answers; the next one is tried).
+const DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[async_trait]
 impl Discovery for HttpDiscovery {
     async fn members(&self) -> Result<Vec<String>, RuntimeError> {
-        // A fresh client each time: a password login is redone, so no token expires.
-        let api = Api::new(&self.cluster)
-            .map_err(|e| RuntimeError::Discovery(format!("{e:#}")))?
-            .with_credentials(self.credentials.clone());
-        let doc = api
-            .send(Req::get("/drplane/v1/cluster"))
-            .await
-            .and_then(|a| a.into_json())
+        let endpoints = crate::cli::parse_endpoints(&self.cluster)
             .map_err(|e| RuntimeError::Discovery(format!("{e:#}")))?;
-        Ok(raft_addresses(&doc.value))
+        // Start at a different node each time, so one that hangs is not always first.
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for k in 0..endpoints.len() {
+            let endpoint = &endpoints[(start + k) % endpoints.len()];
+            // A fresh client each time: a password login is redone, so no token expires.
+            let api = Api::new(endpoint)
+                .map_err(|e| RuntimeError::Discovery(format!("{e:#}")))?
+                .with_credentials(self.credentials.clone());
+            let answer = tokio::time::timeout(DISCOVERY_TIMEOUT, async {
+                api.send(Req::get("/drplane/v1/cluster"))
+                    .await
+                    .and_then(|a| a.into_json())
+            })
+            .await;
+            match answer {
+                Ok(Ok(doc)) => {
+                    let members = raft_addresses(&doc.value);
+                    if !members.is_empty() {
+                        return Ok(members);
+                    }
+                    failures.push(format!("{endpoint}: no members listed"));
+                }
+                Ok(Err(e)) => failures.push(format!("{endpoint}: {e:#}")),
+                Err(_) => failures.push(format!(
+                    "{endpoint}: no answer within {} s",
+                    DISCOVERY_TIMEOUT.as_secs()
+                )),
+            }
+        }
+        Err(RuntimeError::Discovery(failures.join("; ")))
     }
 }
 
@@ -658,6 +686,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let discovery = Arc::new(HttpDiscovery {
         cluster: s.cluster.clone(),
         credentials: s.credentials.clone(),
+        next: std::sync::atomic::AtomicUsize::new(0),
     });
     let agent = Agent::new(cfg, driver, discovery)?;
     let shutdown = CancellationToken::new();

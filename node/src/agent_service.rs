@@ -9,6 +9,9 @@
 //! leaves, a newer session of the same host replaces it, or leadership ends (then the
 //! agent gets `Redirect` to the new leader).
 
+// tonic::Status is large by its authors' design and is what the stream speaks.
+#![allow(clippy::result_large_err)]
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;

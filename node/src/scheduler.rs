@@ -21,9 +21,14 @@
 //! to find the new leader, a new leader expires no lease during its first lease period
 //! (the grace period) and starts the offline clock of every host at its election; an agent
 //! that connects gets `Assign` again for every task its host holds, so it re-reports what
-//! a dead leader never recorded. Every change goes through [`RaftNode::propose`] (ids and
-//! time from the leader, retries idempotent), and only while this node is still the leader
-//! of the term the loop started in.
+//! a dead leader never recorded. Every change goes through [`RaftNode::propose_as_leader`]
+//! (`propose`'s request ids and leader time, but never forwarded: a deposed leader's
+//! decision cannot land in its successor's term, e.g. an `ExpireLeases` that would cut the
+//! new leader's grace period short), and only while this node still leads the term the
+//! loop started in.
+
+// tonic::Status is large by its authors' design and is what the stream speaks.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -412,6 +417,10 @@ impl Scheduler {
                     tracing::info!(term = l.term, "no longer the leader: scheduler stopped");
                     self.retire(l);
                     current = None;
+                } else if l.is_stopped() {
+                    // Its loop ended on its own (it saw a passing doubt about leadership);
+                    // still the leader: start again.
+                    current = None;
                 }
             }
             if leads && current.is_none() {
@@ -558,7 +567,7 @@ impl Scheduler {
     }
 
     /// Proposes `commands` (concurrently: they share log entries) while this node still
-    /// leads `lead`'s term.
+    /// leads `lead`'s term; never forwarded to another leader (`propose_as_leader`).
     async fn propose_all(
         &self,
         lead: &Leadership,
@@ -571,7 +580,7 @@ impl Scheduler {
                 .collect();
         }
         futures::future::join_all(commands.into_iter().map(|command| {
-            self.node.propose(Proposal {
+            self.node.propose_as_leader(Proposal {
                 request_id: None,
                 command,
             })

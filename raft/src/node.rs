@@ -217,6 +217,33 @@ impl RaftNode {
         }
     }
 
+    /// [`RaftNode::propose`] for decisions only the current leader may make (the
+    /// scheduler's): handled on this node or not at all, never forwarded. A deposed leader
+    /// that does not know it yet cannot commit it (no quorum acknowledges its term), and it
+    /// cannot slip it into its successor's term through `route`. Same request ids and
+    /// deadline as `propose`; `NotLeader` when this node does not lead.
+    pub async fn propose_as_leader(
+        &self,
+        mut proposal: Proposal,
+    ) -> Result<CommandResult, NodeError> {
+        if proposal.request_id.is_none() {
+            let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+            proposal.request_id = Some(format!("n{}-{}-{}", self.id, self.boot_ms, n));
+        }
+        let req = ForwardRequest::Propose(vec![proposal]);
+        match tokio::time::timeout(self.request_timeout, self.handle_forward(req)).await {
+            Ok(Ok(ForwardResponse::Proposed { mut results, .. })) => results
+                .pop()
+                .ok_or_else(|| NodeError::Internal("the batcher returned no result".into())),
+            Ok(Ok(other)) => Err(NodeError::Internal(format!("unexpected answer {other:?}"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NodeError::Unknown(format!(
+                "not committed within {:?}; it may still be applied",
+                self.request_timeout
+            ))),
+        }
+    }
+
     /// Wait until this node's store reflects everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.request_timeout;
