@@ -61,13 +61,12 @@ drplane_round() {  # round
   DEV_PID=$!
   for _ in $(seq 600); do grep -q 'drplane dev: ready' "$OUT/drplane-dev-$r.out" && break; sleep 0.1; done
   grep -q 'drplane dev: ready' "$OUT/drplane-dev-$r.out" || { log "drplane dev did not get ready"; cat "$OUT/drplane-dev-$r.out" >&2; exit 1; }
-  local leader
-  leader=$(curl -s "http://127.0.0.1:$((BASE_PORT + 1))/drplane/v1/cluster" \
-    | python3 -c 'import json,sys; j=json.load(sys.stdin); print([m["http"] for m in j["members"] if m["leader"]][0])')
-  local token
-  token=$(DRPLANE_ENDPOINT="http://$leader" DRPLANE_USER=admin \
+  local leader token
+  token=$(DRPLANE_ENDPOINT="http://127.0.0.1:$((BASE_PORT + 1))" DRPLANE_USER=admin \
     DRPLANE_PASSWORD=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin_password"])' "$dir/credentials.json") \
     "$BIN" identity login)
+  leader=$(curl -s -H "X-Auth-Token: $token" "http://127.0.0.1:$((BASE_PORT + 1))/drplane/v1/cluster" \
+    | python3 -c 'import json,sys; j=json.load(sys.stdin); print([m["http"] for m in j["members"] if m["leader"]][0])')
   log "drplane round $r: leader http $leader; $(fsync_floor "drplane-$r" "$dir")"
   for c in $CONNS; do
     local t=$(( c < 2 ? c : 2 ))

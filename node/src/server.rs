@@ -379,7 +379,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
             }
             None => {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
+                // Nagle off on accepted connections too (the builder's tcp_nodelay only
+                // covers sockets tonic binds itself): a Raft reply must not wait for an ACK.
+                let incoming = tonic::transport::server::TcpIncoming::from_listener(
+                    raft_listener,
+                    true,
+                    Some(Duration::from_secs(30)),
+                )
+                .map_err(|e| anyhow::anyhow!("raft listener: {e}"))?;
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
             }
         }
@@ -406,7 +413,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 })
             }
             None => tokio::spawn(async move {
-                axum::serve(http_listener, router)
+                use axum::serve::ListenerExt;
+                // Nagle off: a response must not wait for the client's delayed ACK.
+                let listener = http_listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "set TCP_NODELAY");
+                    }
+                });
+                axum::serve(listener, router)
                     .with_graceful_shutdown(shutdown)
                     .await
             }),

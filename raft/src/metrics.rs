@@ -69,7 +69,7 @@ pub struct Metrics {
     pub proposal_seconds: Histogram,
     /// Duration of one WAL sync of the Raft log.
     pub log_sync_seconds: Histogram,
-    /// Appends covered by one WAL sync.
+    /// Log entries made durable by one WAL sync.
     pub log_sync_batch: Histogram,
     /// Proposals carried by one log entry.
     pub proposals_per_entry: Histogram,

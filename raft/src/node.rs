@@ -722,12 +722,12 @@ impl RaftNode {
         self.metrics.log_sync_seconds.render(
             &mut out,
             "drplane_raft_log_sync_duration_seconds",
-            "Duration of one fsync of the Raft log WAL.",
+            "Duration of one synced Raft log append (write and WAL fsync).",
         );
         self.metrics.log_sync_batch.render(
             &mut out,
-            "drplane_raft_log_sync_appends",
-            "Appends made durable by one Raft log sync.",
+            "drplane_raft_log_sync_entries",
+            "Log entries made durable by one Raft log sync.",
         );
         self.metrics.proposals_per_entry.render(
             &mut out,
