@@ -726,6 +726,7 @@ pub fn cli_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, Str
         "DRPLANE_USER",
         "DRPLANE_PASSWORD",
         "DRPLANE_PROJECT",
+        "DRPLANE_CA",
     ] {
         cmd.env_remove(var);
     }

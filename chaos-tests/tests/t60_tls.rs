@@ -134,6 +134,40 @@ async fn tls_cluster_works_and_refuses_strangers() -> anyhow::Result<()> {
     let r = plain.get(format!("http://{raft_addr}/")).send().await;
     assert!(r.is_err(), "plain HTTP to the raft port must fail: {r:?}");
 
+    // The CLI over https: trusting the cluster CA (--ca or DRPLANE_CA) it works; without
+    // a CA, or with another one, it fails and says how to fix it.
+    let admin = [
+        ("DRPLANE_USER", "admin"),
+        ("DRPLANE_PASSWORD", chaos_tests::ADMIN_PASSWORD),
+    ];
+    let url1 = c.url(1);
+    let ca_arg = cluster_ca.to_string_lossy().into_owned();
+    let (ok, out, err) = chaos_tests::cli_env(
+        &["cluster", "status", "--endpoint", &url1, "--ca", &ca_arg],
+        &admin,
+    )?;
+    assert!(ok, "cli over https with --ca: {out}\n{err}");
+    assert!(out.contains("voter"), "{out}");
+    let mut with_env = admin.to_vec();
+    with_env.push(("DRPLANE_CA", &ca_arg));
+    let (ok, out, err) = chaos_tests::cli_env(
+        &["sites", "list", "-o", "json", "--endpoint", &url1],
+        &with_env,
+    )?;
+    assert!(ok, "cli over https with DRPLANE_CA: {out}\n{err}");
+    assert!(out.contains("tls-site"), "{out}");
+    let stranger_ca = stranger.ca_cert.to_string_lossy().into_owned();
+    for extra in [vec![], vec!["--ca", stranger_ca.as_str()]] {
+        let mut args = vec!["cluster", "status", "--endpoint", &url1];
+        args.extend(extra.iter().copied());
+        let (ok, out, err) = chaos_tests::cli_env(&args, &admin)?;
+        assert!(!ok, "{args:?} must fail: {out}");
+        assert!(
+            err.contains("certificate verification failed") && err.contains("--ca FILE"),
+            "{args:?}: {err}"
+        );
+    }
+
     // The raft port takes a client certificate from the cluster CA and cuts off one from
     // another CA.
     let member_cert = c

@@ -77,6 +77,9 @@ pub struct WriteArgs {
     /// Password of --user.
     #[arg(long, env = "DRPLANE_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// PEM file of the cluster CA, trusted for https:// endpoints.
+    #[arg(long, env = "DRPLANE_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -381,7 +384,7 @@ async fn run_write(args: WriteArgs) -> anyhow::Result<()> {
         },
         _ => crate::cli::Credentials::None,
     };
-    let token = crate::cli::Api::new(&args.endpoints)?
+    let token = crate::cli::Api::with_ca(&args.endpoints, args.ca.as_deref())?
         .with_credentials(credentials)
         .token()
         .await?;
@@ -389,16 +392,16 @@ async fn run_write(args: WriteArgs) -> anyhow::Result<()> {
     // One client (so one connection) per worker, like wrk's connections.
     let clients = (0..args.connections)
         .map(|_| {
-            reqwest::Client::builder()
+            crate::cli::client_builder(args.ca.as_deref())?
                 .default_headers(headers.clone())
                 .timeout(Duration::from_secs(args.timeout.max(1)))
                 .connect_timeout(Duration::from_secs(3))
                 .pool_max_idle_per_host(1)
                 .tcp_nodelay(true)
                 .build()
+                .context("cannot build the HTTP clients")
         })
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot build the HTTP clients")?;
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // Names unique across invocations against the same cluster.
     let tag = format!("{:08x}", rand::random::<u32>());
 

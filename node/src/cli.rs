@@ -3,13 +3,17 @@
 //!
 //! The contract scripts rely on:
 //! - `--endpoint` (env `DRPLANE_ENDPOINT`, default `http://127.0.0.1:7001`) is a
-//!   comma-separated list of node URLs; a URL without a scheme gets `http://`. They are tried
+//!   comma-separated list of node URLs (`http://` or `https://`); a URL without a scheme
+//!   gets `http://`. They are tried
 //!   in turn when a connection cannot be made, never after an HTTP error answer (any node
 //!   forwards writes to the leader, so another node would give the same answer).
 //! - `-o json` prints the server's JSON, pretty-printed, fields unchanged; `-o table`
 //!   (the default) prints aligned columns for people.
 //! - An error answer prints `error: <message>` and `fix: <fix>` on stderr and exits
 //!   non-zero; so does a connection failure, naming the endpoints tried.
+//! - `--ca FILE` (env `DRPLANE_CA`): PEM certificate(s) of the cluster CA, the only roots
+//!   trusted for `https://` endpoints (there are no built-in roots). An endpoint whose
+//!   certificate does not verify fails like an unreachable one, saying so.
 //! - Credentials: `--token` (env `DRPLANE_TOKEN`) is sent as `X-Auth-Token`; otherwise
 //!   `--user`/`--password` (`DRPLANE_USER`/`DRPLANE_PASSWORD`, optionally
 //!   `--login-project`/`DRPLANE_PROJECT`) log in through `POST /v3/auth/tokens` on the
@@ -23,6 +27,7 @@
 //! `cluster status` first.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -73,6 +78,10 @@ pub struct ConnArgs {
     /// Project to log in to (name or id); the user's default project when absent.
     #[arg(long, env = "DRPLANE_PROJECT", global = true)]
     pub login_project: Option<String>,
+    /// PEM file of the cluster CA, trusted for https:// endpoints (e.g. <dir>/tls/ca.pem of
+    /// `drplane dev --tls`).
+    #[arg(long, env = "DRPLANE_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 impl ConnArgs {
@@ -96,7 +105,22 @@ impl ConnArgs {
 
     /// The API client for these arguments.
     pub(crate) fn api(&self) -> anyhow::Result<Api> {
-        Ok(Api::new(&self.endpoint)?.with_credentials(self.credentials()?))
+        Ok(Api::with_ca(&self.endpoint, self.ca.as_deref())?.with_credentials(self.credentials()?))
+    }
+}
+
+/// A reqwest client builder for the HTTP API: with `ca`, one trusting exactly the CA
+/// certificates in that PEM file (see [`crate::tls::https_client_builder`]); without, a
+/// plain one (an `https://` endpoint then fails verification: no roots are built in).
+pub(crate) fn client_builder(ca: Option<&Path>) -> anyhow::Result<reqwest::ClientBuilder> {
+    match ca {
+        None => Ok(reqwest::Client::builder()),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA file {} (--ca)", path.display()))?;
+            crate::tls::https_client_builder(&pem)
+                .with_context(|| format!("CA file {} (--ca)", path.display()))
+        }
     }
 }
 
@@ -433,8 +457,8 @@ fn print_status_result(out: Output, status: &Doc, what: &str) -> anyhow::Result<
 
 // ---- endpoints and requests ----
 
-/// Parses a comma-separated endpoint list into base URLs (`http://host:port`, no trailing
-/// slash).
+/// Parses a comma-separated endpoint list into base URLs (`http://host:port` or
+/// `https://host:port`, no trailing slash).
 pub(crate) fn parse_endpoints(list: &str) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for raw in list.split(',') {
@@ -450,19 +474,21 @@ pub(crate) fn parse_endpoints(list: &str) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-/// `host:port` -> `http://host:port`; trailing slashes removed. Only plain HTTP is built in.
+/// `host:port` -> `http://host:port`; the scheme lower-cased, trailing slashes removed.
+/// `http://` and `https://` are accepted.
 pub(crate) fn normalize_endpoint(raw: &str) -> anyhow::Result<String> {
     let raw = raw.trim();
-    let with_scheme = if let Some((scheme, _)) = raw.split_once("://") {
-        if !scheme.eq_ignore_ascii_case("http") {
-            bail!("endpoint '{raw}': only http:// is supported by this build (got {scheme}://)");
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => ("http", rest),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => ("https", rest),
+        Some((scheme, _)) => {
+            bail!("endpoint '{raw}': use http:// or https:// (got {scheme}://)")
         }
-        format!("http://{}", &raw[scheme.len() + 3..])
-    } else {
-        format!("http://{raw}")
+        None => ("http", raw),
     };
+    let with_scheme = format!("{scheme}://{rest}");
     let trimmed = with_scheme.trim_end_matches('/');
-    if trimmed.len() <= "http://".len() {
+    if trimmed.len() <= scheme.len() + 3 {
         bail!("endpoint '{raw}' has no host");
     }
     let url = reqwest::Url::parse(trimmed)
@@ -581,8 +607,13 @@ struct ErrorAnswer {
 
 impl Api {
     pub(crate) fn new(endpoint_list: &str) -> anyhow::Result<Api> {
+        Api::with_ca(endpoint_list, None)
+    }
+
+    /// Like [`Api::new`], trusting the CA in the PEM file `ca` for `https://` endpoints.
+    pub(crate) fn with_ca(endpoint_list: &str, ca: Option<&Path>) -> anyhow::Result<Api> {
         let endpoints = parse_endpoints(endpoint_list)?;
-        let http = reqwest::Client::builder()
+        let http = client_builder(ca)?
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
@@ -826,10 +857,36 @@ pub(crate) fn describe_transport_error(e: &reqwest::Error) -> String {
         src = next;
     }
     let inner = src.to_string();
+    if let Some(why) = tls_failure_hint(&inner) {
+        return why;
+    }
     if e.is_connect() {
         format!("cannot connect ({inner})")
     } else {
         inner
+    }
+}
+
+/// What to say when the innermost cause of a transport error is a TLS failure: a
+/// certificate that did not verify, or TLS spoken to a plain-HTTP port.
+fn tls_failure_hint(inner: &str) -> Option<String> {
+    if inner.contains("invalid peer certificate") || inner.contains("certificate verif") {
+        Some(format!(
+            "TLS certificate verification failed ({inner}); trust the cluster CA with --ca FILE \
+             (or DRPLANE_CA), e.g. <dir>/tls/ca.pem of `drplane dev --tls`, and use a host name \
+             or address the node's certificate is valid for"
+        ))
+    } else if inner.contains("invalid HTTP version parsed") {
+        Some(format!(
+            "the answer is not plain HTTP ({inner}); is the node serving HTTPS? use https:// \
+             and --ca FILE"
+        ))
+    } else if inner.contains("InvalidContentType") || inner.contains("corrupt message") {
+        Some(format!(
+            "TLS handshake failed ({inner}); is the node serving plain HTTP? use http://"
+        ))
+    } else {
+        None
     }
 }
 
@@ -1055,7 +1112,12 @@ mod tests {
             normalize_endpoint("http://proxy/drplane-a/").unwrap(),
             "http://proxy/drplane-a"
         );
-        assert!(normalize_endpoint("https://x:1").is_err());
+        assert_eq!(
+            normalize_endpoint("HTTPS://127.0.0.1:7001/").unwrap(),
+            "https://127.0.0.1:7001"
+        );
+        assert!(normalize_endpoint("ftp://x:1").is_err());
+        assert!(normalize_endpoint("https://").is_err());
         assert!(normalize_endpoint("http://").is_err());
         assert!(normalize_endpoint("http://x?y=1").is_err());
         assert!(normalize_endpoint("http://a b").is_err());
@@ -1068,6 +1130,40 @@ mod tests {
             vec!["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
         );
         assert!(parse_endpoints(" , ").is_err());
+        assert_eq!(
+            parse_endpoints("https://a:1,b:2").unwrap(),
+            vec!["https://a:1", "http://b:2"]
+        );
+    }
+
+    #[test]
+    fn tls_failures_are_explained() {
+        let why = tls_failure_hint("invalid peer certificate: UnknownIssuer").expect("hint");
+        assert!(why.contains("--ca FILE"), "{why}");
+        assert!(why.contains("UnknownIssuer"), "{why}");
+        let why =
+            tls_failure_hint("received corrupt message of type InvalidContentType").expect("hint");
+        assert!(why.contains("http://"), "{why}");
+        let why = tls_failure_hint("invalid HTTP version parsed").expect("hint");
+        assert!(why.contains("https://"), "{why}");
+        assert!(tls_failure_hint("Connection refused (os error 111)").is_none());
+    }
+
+    #[test]
+    fn ca_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = crate::tls::generate_dev_pki(dir.path(), &["n1"], &[]).expect("pki");
+        client_builder(Some(&pki.ca_cert))
+            .expect("builder")
+            .build()
+            .expect("client");
+        let missing = dir.path().join("nope.pem");
+        let err = format!("{:#}", client_builder(Some(&missing)).expect_err("error"));
+        assert!(err.contains("nope.pem"), "{err}");
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a certificate").expect("write");
+        assert!(client_builder(Some(&bad)).is_err());
+        assert!(client_builder(None).is_ok());
     }
 
     #[test]

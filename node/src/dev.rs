@@ -6,6 +6,11 @@
 //! and 3 are added as learners and promoted; run again on the same directory, the nodes
 //! resume their data and nothing is re-initialized.
 //!
+//! With `--tls` a development CA and one certificate per node are made under `<dir>/tls`
+//! (kept and reused on a rerun), every node serves HTTPS and mutual TLS between nodes, and
+//! dev itself talks to them over https trusting only that CA (`<dir>/tls/ca.pem`, also what
+//! to give `drplane --ca` and `curl --cacert`).
+//!
 //! The children run in their own process group, so a Ctrl-C in the terminal reaches only
 //! this process, which then stops them in order (SIGTERM, up to 10 s, then SIGKILL): a
 //! child exiting on its own is then always unexpected, never a race with our shutdown.
@@ -40,6 +45,9 @@ pub struct DevArgs {
     /// Node i listens on HTTP port base+i and Raft port base+100+i.
     #[arg(long, default_value_t = 7000)]
     pub base_port: u16,
+    /// Serve HTTPS with mutual TLS between nodes, from a dev CA made in <dir>/tls.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// One node of a local cluster: identity, addresses, files.
@@ -53,13 +61,31 @@ pub(crate) struct NodeSpec {
     pub raft: String,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// The node's `--tls-cert/--tls-key/--tls-ca`; None for plain HTTP.
+    pub tls: Option<crate::tls::TlsPaths>,
 }
 
 impl NodeSpec {
     /// Base URL of the node's HTTP API.
     pub fn url(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http)
     }
+}
+
+/// Makes (or reuses) the dev PKI in `tls_dir` for `node-1`… and gives each spec its files.
+pub(crate) fn enable_dev_tls(
+    specs: &mut [NodeSpec],
+    tls_dir: &Path,
+) -> anyhow::Result<crate::tls::DevPki> {
+    let names: Vec<String> = specs.iter().map(|s| format!("node-{}", s.id)).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = crate::tls::generate_dev_pki(tls_dir, &names, &["127.0.0.1", "localhost"])
+        .with_context(|| format!("making the dev TLS files in {}", tls_dir.display()))?;
+    for (spec, paths) in specs.iter_mut().zip(&pki.nodes) {
+        spec.tls = Some(paths.clone());
+    }
+    Ok(pki)
 }
 
 /// The three nodes of a local cluster on 127.0.0.1.
@@ -78,6 +104,7 @@ pub(crate) fn local_specs(dir: &Path, base_port: u16) -> anyhow::Result<Vec<Node
             raft: format!("127.0.0.1:{}", base_port + 100 + i),
             data: dir.join(format!("node-{i}")),
             log: dir.join(format!("node-{i}.log")),
+            tls: None,
         })
         .collect())
 }
@@ -117,7 +144,12 @@ impl LocalCluster {
     /// `extra_args` are appended to every `drplane server` command line.
     pub fn new(specs: Vec<NodeSpec>, extra_args: Vec<String>) -> anyhow::Result<LocalCluster> {
         let exe = std::env::current_exe().context("cannot find the path of this drplane binary")?;
-        let http = reqwest::Client::builder()
+        // A TLS cluster: trust its CA, and only it.
+        let builder = match specs.first().and_then(|s| s.tls.as_ref()) {
+            Some(tls) => crate::cli::client_builder(Some(&tls.ca))?,
+            None => reqwest::Client::builder(),
+        };
+        let http = builder
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(2))
             .build()
@@ -251,6 +283,16 @@ impl LocalCluster {
             .arg(&spec.raft)
             .arg("--data")
             .arg(&spec.data)
+            .args(spec.tls.iter().flat_map(|t| {
+                [
+                    std::ffi::OsStr::new("--tls-cert"),
+                    t.cert.as_os_str(),
+                    std::ffi::OsStr::new("--tls-key"),
+                    t.key.as_os_str(),
+                    std::ffi::OsStr::new("--tls-ca"),
+                    t.ca.as_os_str(),
+                ]
+            }))
             .args(&self.extra_args)
             // The logs go to a file: no ANSI colour codes in it.
             .env("NO_COLOR", "1")
@@ -749,7 +791,10 @@ pub(crate) async fn shutdown_signal() -> &'static str {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating directory {}", args.dir.display()))?;
-    let specs = local_specs(&args.dir, args.base_port)?;
+    let mut specs = local_specs(&args.dir, args.base_port)?;
+    if args.tls {
+        enable_dev_tls(&mut specs, &args.dir.join("tls"))?;
+    }
     let mut cluster = LocalCluster::new(specs, Vec::new())?;
     // The admin password the nodes start with, and the demo credentials, live in
     // <dir>/credentials.json so a resumed cluster keeps them.
@@ -809,6 +854,24 @@ async fn run_until_failure(
     }
     let first = cluster.nodes[0].spec.url();
     let all: Vec<String> = cluster.nodes.iter().map(|n| n.spec.url()).collect();
+    // With TLS, every client command below needs the CA.
+    let ca = cluster.nodes[0].spec.tls.as_ref().map(|t| t.ca.clone());
+    let (ca_flag, curl_ca, conn_flags) = match &ca {
+        Some(path) => {
+            println!(
+                "TLS: HTTPS and mutual TLS between nodes; CA {} (certificates and keys in {})",
+                path.display(),
+                path.parent().unwrap_or(Path::new(".")).display()
+            );
+            println!("  export DRPLANE_CA={}", path.display());
+            (
+                format!(" --ca {}", path.display()),
+                format!(" --cacert {}", path.display()),
+                format!(" --endpoint {first} --ca {}", path.display()),
+            )
+        }
+        None => (String::new(), String::new(), String::new()),
+    };
     // Credentials for every API family (identity: the demo user is made by the first init).
     if let Some(pw) = cluster
         .init_answer
@@ -837,10 +900,18 @@ async fn run_until_failure(
         crate::dev_identity::render(&first, &args.dir, creds, demo.as_ref())
     );
     println!("try (with the admin's DRPLANE_USER and DRPLANE_PASSWORD exported as above):");
-    println!("  curl -H \"X-Auth-Token: $(drplane identity login)\" {first}/drplane/v1/cluster");
-    println!("  drplane cluster status --endpoint {}", all.join(","));
-    println!("  drplane sites create --endpoint {first} --name eu-west --description 'first site'");
-    println!("  drplane identity users list");
+    println!(
+        "  curl{curl_ca} -H \"X-Auth-Token: $(drplane identity login{conn_flags})\" \
+         {first}/drplane/v1/cluster"
+    );
+    println!(
+        "  drplane cluster status --endpoint {}{ca_flag}",
+        all.join(",")
+    );
+    println!(
+        "  drplane sites create --endpoint {first}{ca_flag} --name eu-west --description 'first site'"
+    );
+    println!("  drplane identity users list{conn_flags}");
     let leader = match cluster.wait_agreed_leader(Duration::from_secs(10)).await {
         Ok((id, term)) => format!("leader is node {id}, term {term}"),
         Err(_) => "the nodes do not agree on a leader yet".to_string(),
@@ -868,6 +939,31 @@ mod tests {
         assert_eq!(specs[0].url(), "http://127.0.0.1:7001");
         assert!(local_specs(Path::new("/d"), 65500).is_err());
         assert!(local_specs(Path::new("/d"), 80).is_err());
+        assert!(specs.iter().all(|s| s.tls.is_none()));
+    }
+
+    #[test]
+    fn dev_tls_gives_each_node_its_files_and_https() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut specs = local_specs(dir.path(), 7000).unwrap();
+        let tls_dir = dir.path().join("tls");
+        let pki = enable_dev_tls(&mut specs, &tls_dir).expect("pki");
+        assert_eq!(pki.ca_cert, tls_dir.join("ca.pem"));
+        for (i, s) in specs.iter().enumerate() {
+            let t = s.tls.as_ref().expect("tls");
+            assert_eq!(t.cert, tls_dir.join(format!("node-{}.pem", i + 1)));
+            assert_eq!(t.key, tls_dir.join(format!("node-{}-key.pem", i + 1)));
+            assert_eq!(t.ca, pki.ca_cert);
+            crate::tls::TlsMaterial::load(t).expect("loads");
+        }
+        assert_eq!(specs[0].url(), "https://127.0.0.1:7001");
+        // A rerun keeps the CA.
+        let before = std::fs::read(&pki.ca_cert).expect("ca");
+        let mut again = local_specs(dir.path(), 7000).unwrap();
+        enable_dev_tls(&mut again, &tls_dir).expect("again");
+        assert_eq!(std::fs::read(&pki.ca_cert).expect("ca"), before);
+        // And the cluster's client trusts it.
+        LocalCluster::new(specs, Vec::new()).expect("cluster with a TLS client");
     }
 
     #[test]

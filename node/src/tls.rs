@@ -287,7 +287,6 @@ impl TlsMaterial {
 
 /// A reqwest client builder for a TLS cluster's HTTP API: rustls, trusting exactly the CA
 /// certificates in `ca_pem` (no system roots), for the CLI and `drplane dev --tls`.
-#[allow(dead_code)] // wired by `drplane dev --tls` and the CLI
 pub fn https_client_builder(ca_pem: &[u8]) -> anyhow::Result<reqwest::ClientBuilder> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
@@ -403,7 +402,6 @@ pub fn grpc_incoming(
 // Development PKI.
 
 /// What [`generate_dev_pki`] wrote.
-#[allow(dead_code)] // until `drplane dev --tls` is wired (dev.rs)
 #[derive(Debug, Clone)]
 pub struct DevPki {
     /// The CA certificate: give it to clients (`curl --cacert`, the CLI) and every node.
@@ -419,7 +417,6 @@ pub struct DevPki {
 /// certificate is valid for `hosts` (DNS names or IP addresses; `localhost`, `127.0.0.1`
 /// and `::1` are always added) for both server and client authentication. An existing set
 /// with every file present is reused as it is, so a restarted dev cluster keeps its CA.
-#[allow(dead_code)] // until `drplane dev --tls` is wired (dev.rs)
 pub fn generate_dev_pki(dir: &Path, node_names: &[&str], hosts: &[&str]) -> anyhow::Result<DevPki> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -501,7 +498,6 @@ pub fn generate_dev_pki(dir: &Path, node_names: &[&str], hosts: &[&str]) -> anyh
     Ok(pki)
 }
 
-#[allow(dead_code)] // used by generate_dev_pki
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
