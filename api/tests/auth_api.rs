@@ -675,6 +675,26 @@ async fn huawei_signatures_are_verified_against_the_store() {
         "authenticated; no SDRS routes yet: {}",
         a.text()
     );
+    // The same request as HTTP/2 delivers it: the host in the URI's authority, no Host.
+    let h2 = {
+        let one = signed(&sk, &pid);
+        let (mut parts, body) = one.into_parts();
+        assert!(
+            parts.headers.remove("host").is_some(),
+            "the signer sets Host"
+        );
+        parts.uri = format!("http://127.0.0.1:7001{}", parts.uri)
+            .parse()
+            .expect("absolute uri");
+        Request::from_parts(parts, body)
+    };
+    let a = send_raw(&r, h2).await;
+    assert_eq!(
+        a.status,
+        404,
+        "HTTP/2-shaped request authenticated: {}",
+        a.text()
+    );
     let a = send_raw(&r, signed("wrong-secret-key", &pid)).await;
     assert_eq!(a.status, 401, "{}", a.text());
     assert_eq!(a.json()["error"]["code"], "SDRS.0002");

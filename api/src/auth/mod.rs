@@ -783,12 +783,24 @@ async fn aksk(st: &AppState, req: Request) -> Result<(Caller, Request), (AuthFai
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
+    // HTTP/2 carries the host in `:authority`, not in a Host header, but the signer signed
+    // it as `host`: give the verifier what an HTTP/1.1 request would have carried.
+    let mut h2_headers = None;
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
+                let mut h = parts.headers.clone();
+                h.insert(http::header::HOST, value);
+                h2_headers = Some(h);
+            }
+        }
+    }
     let verified = huawei::verify(
         &huawei::HuaweiRequest {
             method: parts.method.as_str(),
             path: parts.uri.path(),
             query: parts.uri.query(),
-            headers: &parts.headers,
+            headers: h2_headers.as_ref().unwrap_or(&parts.headers),
             body: &bytes,
         },
         lookup,
