@@ -721,6 +721,43 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ids of the servers, shares and databases a config file declares for `host` in
+/// `site`, in `project`, after the agent's own checks of the file.
+#[cfg(test)]
+pub(crate) fn declared_workloads(
+    config: &Path,
+    host: &str,
+    site: &str,
+    project: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>, Vec<String>)> {
+    let s = AgentArgs {
+        config: Some(config.to_path_buf()),
+        cluster: Some("http://127.0.0.1:7001".into()),
+        host: Some(host.into()),
+        site: Some(site.into()),
+        driver: Some(DriverKind::Fs),
+        data: Some(PathBuf::from("/tmp/unused")),
+        ..Default::default()
+    }
+    .settings()?;
+    for (what, p) in s
+        .servers
+        .iter()
+        .map(|x| ("server", &x.project))
+        .chain(s.shares.iter().map(|x| ("share", &x.project)))
+        .chain(s.databases.iter().map(|x| ("database", &x.project)))
+    {
+        if p != project {
+            bail!("a {what} is in project '{p}', not '{project}'");
+        }
+    }
+    Ok((
+        s.servers.iter().map(|x| x.id.clone()).collect(),
+        s.shares.iter().map(|x| x.id.clone()).collect(),
+        s.databases.iter().map(|x| x.id.clone()).collect(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,18 @@
 //! dev itself talks to them over https trusting only that CA (`<dir>/tls/ca.pem`, also what
 //! to give `drplane --ca` and `curl --cacert`).
 //!
-//! The children run in their own process group, so a Ctrl-C in the terminal reaches only
-//! this process, which then stops them in order (SIGTERM, up to 10 s, then SIGKILL): a
-//! child exiting on its own is then always unexpected, never a race with our shutdown.
+//! Without `--tls`, dev also runs two `fs` agents (`drplane agent`): agent i (1..=2) is
+//! host `host-i` in site `site-i`, with data in `<dir>/agent-i`, its output in
+//! `<dir>/agent-i.log`, and a config file `<dir>/agent-i.toml` (rewritten at every start)
+//! declaring a demo inventory with fixed ids, so a rerun upserts the same records and
+//! finds the volumes already made. They find the leader with the admin's password (they
+//! log in again at every discovery), and `ready` waits until both hosts are online. The
+//! agent cannot talk TLS to the cluster yet, so `--tls` starts none.
+//!
+//! The children (nodes and agents) run in their own process group, so a Ctrl-C in the
+//! terminal reaches only this process, which then stops them in order, agents first
+//! (SIGTERM, up to 10 s, then SIGKILL): a child exiting on its own is then always
+//! unexpected, never a race with our shutdown.
 //!
 //! [`LocalCluster`] is also what `drplane bench failover` uses to run its own cluster.
 
@@ -35,7 +44,9 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long stopped children get between SIGTERM and SIGKILL.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Written to a node's log before each start, so a crash report shows only this run.
-const LOG_MARKER: &str = "==== drplane dev: starting node";
+const LOG_MARKER: &str = "==== drplane dev: starting";
+/// Deadline for the dev agents' hosts to show online.
+const AGENTS_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
@@ -129,6 +140,8 @@ pub(crate) struct LocalCluster {
     exe: PathBuf,
     extra_args: Vec<String>,
     pub nodes: Vec<LocalNode>,
+    /// Agents started with the nodes (`drplane dev` only), stopped before them.
+    pub agents: Vec<LocalAgent>,
     http: reqwest::Client,
     /// Given to every node as `DRPLANE_ADMIN_PASSWORD`: the password of user `admin`.
     admin_password: String,
@@ -161,6 +174,7 @@ impl LocalCluster {
                 .into_iter()
                 .map(|spec| LocalNode { spec, child: None })
                 .collect(),
+            agents: Vec::new(),
             http,
             admin_password: crate::dev_identity::random_password(),
             token: None,
@@ -250,27 +264,7 @@ impl LocalCluster {
             .get_mut(i)
             .ok_or_else(|| anyhow!("no node at index {i}"))?;
         let spec = &node.spec;
-        if let Some(parent) = spec.log.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating directory {}", parent.display()))?;
-        }
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log)
-            .with_context(|| format!("opening log file {}", spec.log.display()))?;
-        {
-            use std::io::Write as _;
-            let unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
-            writeln!(log, "{LOG_MARKER} {} at unix_ms={unix_ms} ====", spec.id)
-                .with_context(|| format!("writing log file {}", spec.log.display()))?;
-        }
-        let stdout = log
-            .try_clone()
-            .with_context(|| format!("opening log file {}", spec.log.display()))?;
+        let (stdout, log) = open_child_log(&spec.log, &format!("node {}", spec.id))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("server")
             .arg("--id")
@@ -333,6 +327,25 @@ impl LocalCluster {
                     );
                 }
                 Err(e) => bail!("cannot check on node {}: {e}", n.spec.id),
+            }
+        }
+        for a in &mut self.agents {
+            let Some(child) = a.child.as_mut() else {
+                continue;
+            };
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => {
+                    a.child = None;
+                    bail!(
+                        "agent {} ({}) exited unexpectedly ({status}); last lines of {}:\n{}",
+                        a.spec.id,
+                        a.spec.host,
+                        a.spec.log.display(),
+                        log_tail(&a.spec.log, 25)
+                    );
+                }
+                Err(e) => bail!("cannot check on agent {}: {e}", a.spec.id),
             }
         }
         Ok(())
@@ -659,49 +672,337 @@ impl LocalCluster {
         Ok(at)
     }
 
-    /// Stops every running node: SIGTERM, up to `grace`, then SIGKILL. Never fails; says
-    /// on stderr what it could not do.
+    /// Stops every running agent, then every running node: SIGTERM, up to `grace`, then
+    /// SIGKILL. Never fails; says on stderr what it could not do.
     pub async fn stop_all(&mut self, grace: Duration) {
-        for n in &mut self.nodes {
-            let Some(child) = n.child.as_mut() else {
-                continue;
-            };
-            if let Ok(Some(_)) = child.try_wait() {
-                n.child = None;
-                continue;
-            }
-            let sent = match child.id() {
-                Some(pid) => send_sigterm(pid).await,
-                None => false,
-            };
-            if !sent {
-                let _ = child.start_kill();
-            }
+        let agents = self
+            .agents
+            .iter_mut()
+            .filter_map(|a| {
+                let child = a.child.take()?;
+                Some((
+                    format!("agent {} ({})", a.spec.id, a.spec.host),
+                    child,
+                    a.spec.log.clone(),
+                ))
+            })
+            .collect();
+        stop_children(agents, grace).await;
+        let nodes = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| {
+                let child = n.child.take()?;
+                Some((format!("node {}", n.spec.id), child, n.spec.log.clone()))
+            })
+            .collect();
+        stop_children(nodes, grace).await;
+    }
+
+    /// Makes the sites the agents are in, if missing (a host's site must exist).
+    async fn ensure_agent_sites(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let first = self.nodes[0].spec.url();
+        let listed = self
+            .call_retrying(
+                reqwest::Method::GET,
+                &format!("{first}/drplane/v1/sites"),
+                None,
+                deadline,
+            )
+            .await?;
+        let have: Vec<String> = listed
+            .get("sites")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut wanted: Vec<String> = self.agents.iter().map(|a| a.spec.site.clone()).collect();
+        wanted.dedup();
+        for site in wanted.into_iter().filter(|s| !have.contains(s)) {
+            self.call_retrying(
+                reqwest::Method::POST,
+                &format!("{first}/drplane/v1/sites"),
+                Some(serde_json::json!({"name": site, "description": "drplane dev data site"})),
+                deadline,
+            )
+            .await?;
         }
-        let deadline = tokio::time::Instant::now() + grace;
-        for n in &mut self.nodes {
-            let Some(mut child) = n.child.take() else {
-                continue;
-            };
-            match tokio::time::timeout_at(deadline, child.wait()).await {
-                Ok(Ok(status)) if !status.success() && status.code().is_some() => eprintln!(
-                    "drplane dev: node {} exited with {status}; see {}",
-                    n.spec.id,
-                    n.spec.log.display()
-                ),
-                Ok(_) => {}
-                Err(_) => {
-                    eprintln!(
-                        "drplane dev: node {} did not stop within {} s; killing it",
-                        n.spec.id,
-                        grace.as_secs()
-                    );
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                }
+        Ok(())
+    }
+
+    /// Writes agent `i`'s config file and starts it against every node.
+    pub async fn spawn_agent(&mut self, i: usize, project: &str) -> anyhow::Result<()> {
+        let cluster: Vec<String> = self.nodes.iter().map(|n| n.spec.url()).collect();
+        let agent = self
+            .agents
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no agent at index {i}"))?;
+        let spec = &agent.spec;
+        std::fs::create_dir_all(&spec.data)
+            .with_context(|| format!("creating directory {}", spec.data.display()))?;
+        std::fs::write(&spec.config, agent_config_toml(spec, project))
+            .with_context(|| format!("writing {}", spec.config.display()))?;
+        let (stdout, log) = open_child_log(&spec.log, &format!("agent {}", spec.id))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&spec.config)
+            .arg("--cluster")
+            .arg(cluster.join(","))
+            .arg("--host")
+            .arg(&spec.host)
+            .arg("--site")
+            .arg(&spec.site)
+            .arg("--driver")
+            .arg("fs")
+            .arg("--data")
+            .arg(&spec.data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("NO_COLOR", "1")
+            // A password, not a token: the agent logs in again at every discovery, so a
+            // dev cluster left running for days never hands it an expired token.
+            .env_remove("DRPLANE_TOKEN")
+            .env("DRPLANE_USER", "admin")
+            .env("DRPLANE_PASSWORD", &self.admin_password)
+            .env("DRPLANE_PROJECT", "admin")
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "cannot start {} agent for host {}",
+                self.exe.display(),
+                spec.host
+            )
+        })?;
+        agent.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until `GET /drplane/v1/hosts` shows every agent's host online.
+    async fn wait_agents_online(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/drplane/v1/hosts", self.nodes[0].spec.url());
+        let names: Vec<String> = self.agents.iter().map(|a| a.spec.host.clone()).collect();
+        loop {
+            let doc = self
+                .call_retrying(reqwest::Method::GET, &url, None, deadline)
+                .await?;
+            let missing = hosts_not_online(&doc, &names);
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "host(s) {} not online after {} s; see the agents' logs in {}",
+                    missing.join(", "),
+                    timeout.as_secs(),
+                    self.agents[0]
+                        .spec
+                        .log
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Opens (appending) a child's log file, marks this start in it, and gives it twice: for
+/// stdout and stderr.
+fn open_child_log(path: &Path, what: &str) -> anyhow::Result<(std::fs::File, std::fs::File)> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating directory {}", parent.display()))?;
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log file {}", path.display()))?;
+    use std::io::Write as _;
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    writeln!(log, "{LOG_MARKER} {what} at unix_ms={unix_ms} ====")
+        .with_context(|| format!("writing log file {}", path.display()))?;
+    let stdout = log
+        .try_clone()
+        .with_context(|| format!("opening log file {}", path.display()))?;
+    Ok((stdout, log))
+}
+
+/// SIGTERMs every child, waits up to `grace` for them all, then SIGKILLs the rest.
+async fn stop_children(mut children: Vec<(String, Child, PathBuf)>, grace: Duration) {
+    children.retain_mut(|(_, child, _)| !matches!(child.try_wait(), Ok(Some(_))));
+    for (_, child, _) in &mut children {
+        let sent = match child.id() {
+            Some(pid) => send_sigterm(pid).await,
+            None => false,
+        };
+        if !sent {
+            let _ = child.start_kill();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for (what, mut child, log) in children {
+        match tokio::time::timeout_at(deadline, child.wait()).await {
+            Ok(Ok(status)) if !status.success() && status.code().is_some() => eprintln!(
+                "drplane dev: {what} exited with {status}; see {}",
+                log.display()
+            ),
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!(
+                    "drplane dev: {what} did not stop within {} s; killing it",
+                    grace.as_secs()
+                );
+                let _ = child.start_kill();
+                let _ = child.wait().await;
             }
         }
     }
+}
+
+/// One `fs` agent of `drplane dev`: agent i runs host `host-i` in site `site-i`.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentSpec {
+    pub id: u16,
+    pub host: String,
+    pub site: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    /// The TOML file dev writes with the agent's demo workloads.
+    pub config: PathBuf,
+}
+
+/// An agent and, while it runs, its process.
+pub(crate) struct LocalAgent {
+    pub spec: AgentSpec,
+    child: Option<Child>,
+}
+
+/// The two agents of `drplane dev`, in data sites `site-1` and `site-2`.
+pub(crate) fn dev_agent_specs(dir: &Path) -> Vec<AgentSpec> {
+    (1..=2u16)
+        .map(|i| AgentSpec {
+            id: i,
+            host: format!("host-{i}"),
+            site: format!("site-{i}"),
+            data: dir.join(format!("agent-{i}")),
+            log: dir.join(format!("agent-{i}.log")),
+            config: dir.join(format!("agent-{i}.toml")),
+        })
+        .collect()
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The demo workloads of agent `spec.id` as an agent config file (`drplane agent
+/// --config`), in `project`. Fixed ids: a rerun registers the same records again (an
+/// upsert) and finds the volumes already made.
+pub(crate) fn agent_config_toml(spec: &AgentSpec, project: &str) -> String {
+    let project = toml_string(project);
+    let header = "# Written by drplane dev at every start; edits are overwritten.\n\
+                  vcpus = 16\nram_mb = 32768\n"
+        .to_string();
+    let body = match spec.id {
+        1 => format!(
+            r#"
+[[servers]]
+id = "dev-web-1"
+project = {project}
+name = "web-1"
+vcpus = 2
+ram_mb = 2048
+disks = [{{ id = "dev-web-1-root", size_bytes = {root} }}, {{ id = "dev-web-1-data", size_bytes = {data} }}]
+
+[[servers]]
+id = "dev-app-1"
+project = {project}
+name = "app-1"
+vcpus = 4
+ram_mb = 4096
+disks = [{{ id = "dev-app-1-root", size_bytes = {root} }}]
+
+[[shares]]
+id = "dev-docs"
+project = {project}
+name = "docs"
+size_bytes = {share}
+"#,
+            root = 16 * MIB,
+            data = 8 * MIB,
+            share = 8 * MIB,
+        ),
+        _ => format!(
+            r#"
+[[servers]]
+id = "dev-batch-{id}"
+project = {project}
+name = "batch-{id}"
+vcpus = 2
+ram_mb = 2048
+disks = [{{ id = "dev-batch-{id}-root", size_bytes = {root} }}]
+
+[[databases]]
+id = "dev-orders-{id}"
+project = {project}
+name = "orders"
+vcpus = 2
+ram_mb = 4096
+datastore = {{ type = "mysql", version = "8.0" }}
+volume = {{ id = "dev-orders-{id}-data", size_bytes = {data} }}
+"#,
+            id = spec.id,
+            root = 16 * MIB,
+            data = 8 * MIB,
+        ),
+    };
+    header + &body
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The names among `names` that `GET /drplane/v1/hosts` does not show online.
+fn hosts_not_online(doc: &Value, names: &[String]) -> Vec<String> {
+    let hosts = doc
+        .get("hosts")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    names
+        .iter()
+        .filter(|name| {
+            !hosts.iter().any(|h| {
+                h.get("name").and_then(Value::as_str) == Some(name.as_str())
+                    && h.get("state").and_then(Value::as_str) == Some("online")
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// `kill -TERM pid`; false if that could not be done.
@@ -796,6 +1097,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         enable_dev_tls(&mut specs, &args.dir.join("tls"))?;
     }
     let mut cluster = LocalCluster::new(specs, Vec::new())?;
+    if args.tls {
+        println!(
+            "drplane dev: --tls: not starting the agents (drplane agent cannot talk TLS to the \
+             cluster yet)"
+        );
+    } else {
+        cluster.agents = dev_agent_specs(&args.dir)
+            .into_iter()
+            .map(|spec| LocalAgent { spec, child: None })
+            .collect();
+    }
     // The admin password the nodes start with, and the demo credentials, live in
     // <dir>/credentials.json so a resumed cluster keeps them.
     let existing_data = cluster.nodes.iter().any(|n| n.spec.data.exists());
@@ -808,7 +1120,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         r = run_until_failure(&mut cluster, &args, &mut creds) => r,
         sig = &mut shutdown => {
-            println!("drplane dev: {sig} received, stopping the nodes");
+            println!("drplane dev: {sig} received, stopping the agents and nodes");
             Ok(())
         }
     };
@@ -895,6 +1207,33 @@ async fn run_until_failure(
         }
         None => None,
     };
+    if !cluster.agents.is_empty() {
+        // The demo workloads belong to the demo project (by id, as the API families see
+        // it); a cluster without the demo user gets them in a project named "demo".
+        let project = demo
+            .as_ref()
+            .map(|d| d.project_id.clone())
+            .unwrap_or_else(|| "demo".to_string());
+        cluster
+            .ensure_agent_sites(Instant::now() + FORM_TIMEOUT)
+            .await?;
+        for i in 0..cluster.agents.len() {
+            cluster.spawn_agent(i, &project).await?;
+        }
+        cluster.wait_agents_online(AGENTS_TIMEOUT).await?;
+        println!("drplane dev: agents online (driver fs; demo workloads in project {project}):");
+        for a in &cluster.agents {
+            println!(
+                "  agent {}  {}  {}  data {}  config {}  log {}",
+                a.spec.id,
+                a.spec.host,
+                a.spec.site,
+                a.spec.data.display(),
+                a.spec.config.display(),
+                a.spec.log.display()
+            );
+        }
+    }
     print!(
         "{}",
         crate::dev_identity::render(&first, &args.dir, creds, demo.as_ref())
@@ -912,6 +1251,12 @@ async fn run_until_failure(
         "  drplane sites create --endpoint {first}{ca_flag} --name eu-west --description 'first site'"
     );
     println!("  drplane identity users list{conn_flags}");
+    if !cluster.agents.is_empty() {
+        println!(
+            "  curl -H \"X-Auth-Token: $(drplane identity login{conn_flags})\" \
+             {first}/drplane/v1/servers"
+        );
+    }
     let leader = match cluster.wait_agreed_leader(Duration::from_secs(10)).await {
         Ok((id, term)) => format!("leader is node {id}, term {term}"),
         Err(_) => "the nodes do not agree on a leader yet".to_string(),
@@ -964,6 +1309,64 @@ mod tests {
         assert_eq!(std::fs::read(&pki.ca_cert).expect("ca"), before);
         // And the cluster's client trusts it.
         LocalCluster::new(specs, Vec::new()).expect("cluster with a TLS client");
+    }
+
+    #[test]
+    fn dev_agents_and_their_demo_configs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agents = dev_agent_specs(dir.path());
+        assert_eq!(agents.len(), 2);
+        assert_eq!(agents[0].host, "host-1");
+        assert_eq!(agents[1].site, "site-2");
+        assert_eq!(agents[1].data, dir.path().join("agent-2"));
+        assert_eq!(agents[0].log, dir.path().join("agent-1.log"));
+        let mut all_ids = Vec::new();
+        let mut totals = (0, 0, 0);
+        for a in &agents {
+            let text = agent_config_toml(a, "p\"1");
+            // Deterministic: a rerun writes the same file.
+            assert_eq!(text, agent_config_toml(a, "p\"1"));
+            std::fs::write(&a.config, &text).expect("write");
+            let (servers, shares, dbs) =
+                crate::agent_cmd::declared_workloads(&a.config, &a.host, &a.site, "p\"1")
+                    .expect("the agent accepts the file");
+            totals = (
+                totals.0 + servers.len(),
+                totals.1 + shares.len(),
+                totals.2 + dbs.len(),
+            );
+            all_ids.extend(servers.into_iter().chain(shares).chain(dbs));
+        }
+        assert_eq!(totals, (3, 1, 1));
+        let n = all_ids.len();
+        all_ids.sort();
+        all_ids.dedup();
+        assert_eq!(all_ids.len(), n, "ids are unique across the agents");
+    }
+
+    #[test]
+    fn hosts_online_reads_the_host_listing() {
+        let names = vec!["host-1".to_string(), "host-2".to_string()];
+        let doc = serde_json::json!({"hosts": [
+            {"name": "host-1", "state": "online"},
+            {"name": "host-2", "state": "offline"},
+            {"name": "other", "state": "online"},
+        ]});
+        assert_eq!(hosts_not_online(&doc, &names), vec!["host-2".to_string()]);
+        assert_eq!(hosts_not_online(&Value::Null, &names), names);
+        let doc = serde_json::json!({"hosts": [
+            {"name": "host-2", "state": "online"},
+            {"name": "host-1", "state": "online"},
+        ]});
+        assert!(hosts_not_online(&doc, &names).is_empty());
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_string("demo"), "\"demo\"");
+        let v: toml::Value =
+            toml::from_str(&format!("k = {}", toml_string("a\"b\\c\n"))).expect("toml");
+        assert_eq!(v["k"].as_str(), Some("a\"b\\c\n"));
     }
 
     #[test]
