@@ -823,16 +823,10 @@ pub fn apply(txn: &mut Txn<'_>, cmd: &IdentityCommand, now: u64) -> Applied {
             let Some(p) = txn.get_record::<Project>(CF_IDENTITY, &project_key(id))? else {
                 return Ok(Err(not_found("project", id)));
             };
-            let gone = |ra: &RoleAssignment| ra.project_id == *id;
-            if !admins_remain(txn, &gone)? {
-                return Ok(Err(last_admin()));
+            let owned = |_: &str, pid: &str| pid == id;
+            if let Err(e) = drop_grants(txn, &owned)? {
+                return Ok(Err(e));
             }
-            for (key, ra) in assignments(txn)? {
-                if ra.project_id == *id {
-                    txn.delete(CF_IDENTITY, &key)?;
-                }
-            }
-            drop_credentials(txn, |_, pid| pid == id)?;
             txn.delete(CF_IDENTITY, &project_key(id))?;
             txn.delete(CF_IDENTITY, &project_name_key(&p.name))?;
             Ok(Ok(IdentityOutcome::Done))
@@ -887,16 +881,10 @@ pub fn apply(txn: &mut Txn<'_>, cmd: &IdentityCommand, now: u64) -> Applied {
             let Some(u) = txn.get_record::<User>(CF_IDENTITY, &user_key(id))? else {
                 return Ok(Err(not_found("user", id)));
             };
-            let gone = |ra: &RoleAssignment| ra.user_id == *id;
-            if !admins_remain(txn, &gone)? {
-                return Ok(Err(last_admin()));
+            let owned = |uid: &str, _: &str| uid == id;
+            if let Err(e) = drop_grants(txn, &owned)? {
+                return Ok(Err(e));
             }
-            for (key, ra) in assignments(txn)? {
-                if ra.user_id == *id {
-                    txn.delete(CF_IDENTITY, &key)?;
-                }
-            }
-            drop_credentials(txn, |uid, _| uid == id)?;
             txn.delete(CF_IDENTITY, &user_key(id))?;
             txn.delete(CF_IDENTITY, &user_name_key(&u.name))?;
             Ok(Ok(IdentityOutcome::Done))
@@ -1261,6 +1249,26 @@ fn admins_remain(
         }
     }
     Ok(!any_before)
+}
+
+/// Before a user or a project is deleted: refuses if that would leave no admin, else
+/// deletes the role assignments and the credentials whose (user id, project id) `owned`
+/// selects.
+fn drop_grants(
+    txn: &mut Txn<'_>,
+    owned: &dyn Fn(&str, &str) -> bool,
+) -> Result<Result<(), CommandError>, StoreError> {
+    let gone = |ra: &RoleAssignment| owned(&ra.user_id, &ra.project_id);
+    if !admins_remain(txn, &gone)? {
+        return Ok(Err(last_admin()));
+    }
+    for (key, ra) in assignments(txn)? {
+        if gone(&ra) {
+            txn.delete(CF_IDENTITY, &key)?;
+        }
+    }
+    drop_credentials(txn, owned)?;
+    Ok(Ok(()))
 }
 
 /// Deletes the access keys and API keys whose (user, project) `matches`.
