@@ -18,6 +18,9 @@
 //! - `control`: the trait the node implements, and the cluster types it returns;
 //! - `error`: the error code registry (listed in `ERRORS.md`) and [`ApiError`];
 //! - `extract`: extractors that answer bad input in the native shape;
+//! - `families`: the vendor API families, one module each (`huawei` = SDRS + ECS,
+//!   `danube`, `trove`, `manila`);
+//! - `pairs`: native replication-pair endpoints;
 //! - `inventory`: native hosts, servers, shares and databases endpoints (admin);
 //! - `jobs`: native jobs endpoints (list, show with tasks, cancel, test jobs);
 //! - `middleware`: request id, tracing span, access log, metrics, error-shape guarantee;
@@ -29,11 +32,13 @@ pub mod auth;
 pub mod control;
 pub mod error;
 mod extract;
+mod families;
 mod identity;
 mod inventory;
 mod jobs;
 pub mod metrics;
 pub mod middleware;
+mod pairs;
 mod routes;
 pub mod time;
 

@@ -81,6 +81,11 @@ pub fn router_with(cp: Arc<dyn ControlPlane>, auth: crate::auth::AuthOptions) ->
         .merge(crate::auth::danube::routes())
         .merge(crate::inventory::routes())
         .merge(crate::jobs::routes())
+        .merge(crate::pairs::routes())
+        .merge(crate::families::huawei::routes())
+        .merge(crate::families::danube::routes())
+        .merge(crate::families::trove::routes())
+        .merge(crate::families::manila::routes())
         // Must come after the routes: it is set on each route present.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)

@@ -29,6 +29,16 @@ pub enum Command {
     Inventory(crate::inventory::InventoryCommand),
     /// Jobs and their tasks (`crate::jobs`).
     Jobs(crate::jobs::JobsCommand),
+    /// Replication pairs and their operations (`crate::replication`).
+    Replication(crate::replication::ReplicationCommand),
+    /// Huawei SDRS/ECS records (`crate::sdrs`).
+    Sdrs(crate::sdrs::SdrsCommand),
+    /// Danube Cloud records (`crate::danube`).
+    Danube(crate::danube::DanubeCommand),
+    /// OpenStack Trove records (`crate::trove`).
+    Trove(crate::trove::TroveCommand),
+    /// OpenStack Manila records (`crate::manila`).
+    Manila(crate::manila::ManilaCommand),
 }
 
 impl Command {
@@ -51,6 +61,11 @@ impl Command {
             Command::Identity(cmd) => cmd.validate(),
             Command::Inventory(cmd) => cmd.validate(),
             Command::Jobs(cmd) => cmd.validate(),
+            Command::Replication(cmd) => cmd.validate(),
+            Command::Sdrs(cmd) => cmd.validate(),
+            Command::Danube(cmd) => cmd.validate(),
+            Command::Trove(cmd) => cmd.validate(),
+            Command::Manila(cmd) => cmd.validate(),
         }
     }
 
@@ -63,6 +78,11 @@ impl Command {
             Command::Identity(cmd) => cmd.kind(),
             Command::Inventory(cmd) => cmd.kind(),
             Command::Jobs(cmd) => cmd.kind(),
+            Command::Replication(cmd) => cmd.kind(),
+            Command::Sdrs(cmd) => cmd.kind(),
+            Command::Danube(cmd) => cmd.kind(),
+            Command::Trove(cmd) => cmd.kind(),
+            Command::Manila(cmd) => cmd.kind(),
         }
     }
 }
@@ -132,6 +152,12 @@ pub enum Outcome {
     Task(Box<crate::jobs::Task>),
     /// Ids of the tasks a command acted on (e.g. whose lease it expired).
     TaskIds(Vec<String>),
+    /// A replication pair as stored after the command (`crate::replication`).
+    Pair(Box<crate::replication::Pair>),
+    Sdrs(Box<crate::sdrs::SdrsOutcome>),
+    Danube(Box<crate::danube::DanubeOutcome>),
+    Trove(Box<crate::trove::TroveOutcome>),
+    Manila(Box<crate::manila::ManilaOutcome>),
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

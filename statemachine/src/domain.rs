@@ -37,4 +37,32 @@ pub const EXTRA_CFS: &[&str] = &[
     crate::jobs::CF_TASKS_READY,
     crate::jobs::CF_TASK_LEASES,
     crate::jobs::CF_TASKS_BY_HOST,
+    // replication.rs (crate::replication::CFS)
+    crate::replication::CF_PAIRS,
+    crate::replication::CF_PAIRS_DUE,
+    crate::replication::CF_PAIRS_BY_OWNER,
+    crate::replication::CF_PAIRS_BY_JOB,
+    // the families' own records (sdrs.rs, danube.rs, trove.rs, manila.rs)
+    crate::sdrs::CF_SDRS,
+    crate::sdrs::CF_SDRS_INDEX,
+    crate::danube::CF_DANUBE,
+    crate::danube::CF_DANUBE_INDEX,
+    crate::trove::CF_TROVE,
+    crate::trove::CF_TROVE_INDEX,
+    crate::manila::CF_MANILA,
+    crate::manila::CF_MANILA_INDEX,
 ];
+
+/// Every module that reacts to the end of a job, called by `crate::jobs` in the same
+/// transaction: pairs first (their state is what the families read), then the families.
+pub(crate) fn on_job_end(
+    txn: &mut crate::txn::Txn<'_>,
+    job: &crate::jobs::Job,
+    now: u64,
+) -> Result<(), crate::error::StoreError> {
+    crate::replication::on_job_end(txn, job, now)?;
+    crate::sdrs::on_job_end(txn, job, now)?;
+    crate::danube::on_job_end(txn, job, now)?;
+    crate::trove::on_job_end(txn, job, now)?;
+    crate::manila::on_job_end(txn, job, now)
+}

@@ -259,8 +259,8 @@ pub enum TaskKind {
         source: VolumeRef,
         target: VolumeRef,
     },
-    /// Copy source → target, only changed blocks unless `full` (runs on the source's
-    /// host, which sends to the target's agent).
+    /// Copy source → target, only changed blocks unless `full` (runs on the target's
+    /// host, whose agent pulls from the source's agent).
     Sync {
         pair_id: String,
         source: VolumeRef,
@@ -272,7 +272,8 @@ pub enum TaskKind {
     Promote { pair_id: String, volume: VolumeRef },
     /// Make a copy read-only (runs on its host).
     Fence { pair_id: String, volume: VolumeRef },
-    /// Cold-migrate a stopped server's disks (runs on the source host).
+    /// Cold-migrate a stopped server's disks (runs on the target host, whose agent pulls
+    /// the disks from the source's agent).
     Migrate {
         server_id: String,
         source_host: String,
@@ -301,11 +302,11 @@ impl TaskKind {
         match self {
             TaskKind::Sleep { .. } => None,
             TaskKind::CreateTarget { target, .. } => Some(&target.host),
-            TaskKind::Sync { source, .. } => Some(&source.host),
+            TaskKind::Sync { target, .. } => Some(&target.host),
             TaskKind::Promote { volume, .. }
             | TaskKind::Fence { volume, .. }
             | TaskKind::DeleteVolume { volume, .. } => Some(&volume.host),
-            TaskKind::Migrate { source_host, .. } => Some(source_host),
+            TaskKind::Migrate { target_host, .. } => Some(target_host),
         }
     }
 
@@ -1394,6 +1395,7 @@ fn report_result(
 /// Makes dependents Ready whose dependencies all succeeded; ends the job when every task
 /// succeeded.
 fn on_task_succeeded(txn: &mut Txn<'_>, done: &Task, now: u64) -> Result<(), StoreError> {
+    crate::replication::on_task_succeeded(txn, done, now)?;
     let Some(job) = load_job(txn, &done.job_id)? else {
         return Ok(());
     };
@@ -1520,9 +1522,50 @@ fn fail_job(
 fn job_ended(txn: &mut Txn<'_>, job: &Job, now: u64) -> Result<(), StoreError> {
     inventory::release_holder(txn, &job.id, now)?;
     if job.parent_id.is_none() {
-        txn.put(CF_JOBS_FINISHED, &time_key(now, &job.id), Vec::new())?;
+        // The purge queue is keyed by end time and purges after JOB_RETENTION_MS; a job
+        // kept shorter is queued as if it had ended earlier.
+        let queued_at = match retention_of(&job.job_type) {
+            Some(keep) => now.saturating_sub(JOB_RETENTION_MS.saturating_sub(keep)),
+            None => now,
+        };
+        txn.put(CF_JOBS_FINISHED, &time_key(queued_at, &job.id), Vec::new())?;
     }
-    Ok(())
+    crate::domain::on_job_end(txn, job, now)
+}
+
+/// Job types kept less than [`JOB_RETENTION_MS`] after they end.
+fn retention_of(job_type: &str) -> Option<u64> {
+    (job_type == crate::replication::JOB_TYPE_PERIODIC_SYNC)
+        .then_some(crate::replication::SYNC_JOB_RETENTION_MS)
+}
+
+/// Ends a job FAIL as cancelled (for modules whose operation preempts a job).
+pub(crate) fn cancel_job(
+    txn: &mut Txn<'_>,
+    job_id: &str,
+    reason: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    fail_job(txn, job_id, ERROR_CANCELLED, reason, now)
+}
+
+/// After [`insert_job`]: a job (or sub-job) without tasks has nothing to wait for and
+/// ends SUCCESS at once.
+pub(crate) fn finish_if_empty(txn: &mut Txn<'_>, job_id: &str, now: u64) -> Result<(), StoreError> {
+    let Some(job) = load_job(txn, job_id)? else {
+        return Ok(());
+    };
+    for sub in &job.sub_jobs {
+        if load_job(txn, sub)?.is_some_and(|j| j.tasks.is_empty()) {
+            maybe_succeed_job(txn, sub, now)?;
+        }
+    }
+    maybe_succeed_job(txn, job_id, now)
+}
+
+/// The job as apply sees it (for other modules).
+pub(crate) fn load_job_txn(txn: &Txn<'_>, id: &str) -> Result<Option<Job>, StoreError> {
+    load_job(txn, id)
 }
 
 fn expire_leases(txn: &mut Txn<'_>, limit: usize, now: u64) -> Result<Vec<String>, StoreError> {

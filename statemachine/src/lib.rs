@@ -8,13 +8,18 @@
 
 pub mod codec;
 pub mod command;
+pub mod danube;
 pub mod domain;
 pub mod error;
 pub mod identity;
 pub mod inventory;
 pub mod jobs;
+pub mod manila;
 pub mod model;
+pub mod replication;
+pub mod sdrs;
 pub mod store;
+pub mod trove;
 pub mod txn;
 
 pub use command::{Command, CommandResult, Outcome, Proposal, ProposalBatch};

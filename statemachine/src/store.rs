@@ -313,6 +313,11 @@ fn apply_command(
         Command::Identity(cmd) => Ok(crate::identity::apply(txn, cmd, now)?.map(Outcome::Identity)),
         Command::Inventory(cmd) => crate::inventory::apply(txn, cmd, now),
         Command::Jobs(cmd) => crate::jobs::apply(txn, cmd, now),
+        Command::Replication(cmd) => crate::replication::apply(txn, cmd, now),
+        Command::Sdrs(cmd) => crate::sdrs::apply(txn, cmd, now),
+        Command::Danube(cmd) => crate::danube::apply(txn, cmd, now),
+        Command::Trove(cmd) => crate::trove::apply(txn, cmd, now),
+        Command::Manila(cmd) => crate::manila::apply(txn, cmd, now),
     }
 }
 

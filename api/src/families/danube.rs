@@ -1,0 +1,12 @@
+//! Danube Cloud (`/api/vm/…`, `/api/dc/{dc}/vm/…`, `/api/task/…`): endpoints DANUBE-* of ../shared/spec.
+//! Translates the wire format into operations on the shared model and back; holds no
+//! state of its own.
+
+use axum::Router;
+
+use crate::routes::AppState;
+
+/// This family's routes (merged into the node's router; authentication already ran).
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+}
