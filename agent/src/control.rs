@@ -136,6 +136,9 @@ pub struct Assignment {
     pub token: FencingToken,
     /// The leader renews it while the agent is connected and alive.
     pub lease_until_ms: u64,
+    /// Data addresses of the other hosts the task involves (host name → the address its
+    /// agent's sync service listens on), e.g. a sync's source.
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 /// Node → agent.
@@ -233,6 +236,7 @@ mod tests {
         assert_eq!(AgentMessage::from_frame(&frame).expect("decode"), result);
 
         let assign = ControlMessage::Assign(Box::new(Assignment {
+            peers: Default::default(),
             task_id: "t".into(),
             job_id: "j".into(),
             kind: TaskKind::Sleep {

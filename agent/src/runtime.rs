@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use drplane_statemachine::inventory::{Capacity, Driver as HostDriver, StoragePool, Workload};
-use drplane_statemachine::jobs::{FencingToken, Progress, TaskKind, TaskOutcome, VolumeLayout};
+use drplane_statemachine::jobs::{
+    FencingToken, Progress, TaskKind, TaskOutcome, VolumeLayout, WorkloadAction,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +45,10 @@ use crate::control::{
     AgentMessage, Assignment, ControlMessage, Hello, HostInfo, ProtocolError, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
-use crate::driver::{Driver, DriverError, VolumeKind, VolumeSpec};
+use crate::driver::{
+    Driver, DriverError, MigrateRequest, ProgressFn, SyncProgress, SyncRequest, SyncSource,
+    VolumeKind, VolumeSpec, WriteOp,
+};
 use crate::sim::SplitMix64;
 
 /// Frames queued towards the leader before a session counts as congested.
@@ -800,7 +805,7 @@ impl Agent {
         }
     }
 
-    async fn run_kind(&self, a: &Assignment, run: u64) -> TaskOutcome {
+    async fn run_kind(self: &Arc<Self>, a: &Assignment, run: u64) -> TaskOutcome {
         match self.run_kind_inner(a, run).await {
             Ok(output) => TaskOutcome::Succeeded { output },
             Err(TaskFailure { reason, retryable }) => TaskOutcome::Failed { reason, retryable },
@@ -808,7 +813,7 @@ impl Agent {
     }
 
     async fn run_kind_inner(
-        &self,
+        self: &Arc<Self>,
         a: &Assignment,
         run: u64,
     ) -> Result<BTreeMap<String, String>, TaskFailure> {
@@ -895,27 +900,165 @@ impl Agent {
                 output.insert("pair_id".into(), pair_id.clone());
                 output.insert("volume_id".into(), volume.volume_id.clone());
             }
-            TaskKind::Sync { .. } => {
-                return Err(TaskFailure {
-                    reason: "sync tasks are not supported by this agent yet: the driver pulls a \
-                             sync from the target's host, and the source-to-target handoff between \
-                             agents is not implemented"
-                        .into(),
-                    retryable: false,
-                })
+            TaskKind::Sync {
+                pair_id,
+                source,
+                target,
+                bwlimit_bytes_per_sec,
+                full: _,
+            } => {
+                // The driver compares block hashes, so a full and an incremental sync differ
+                // only in how much is found equal.
+                self.check_host(&target.host)?;
+                let endpoint = self.peer(a, &source.host)?;
+                let mut req = SyncRequest::new(endpoint, &source.volume_id, &target.volume_id);
+                req.bwlimit = *bwlimit_bytes_per_sec;
+                req.task_id = Some(a.task_id.clone());
+                let stats = self
+                    .driver
+                    .sync_from(
+                        &req,
+                        Some(self.progress_fn(a, run)),
+                        CancellationToken::new(),
+                    )
+                    .await?;
+                output.insert("pair_id".into(), pair_id.clone());
+                output.insert("bytes_total".into(), stats.bytes_total.to_string());
+                output.insert("bytes_sent".into(), stats.bytes_sent.to_string());
+                output.insert("data_bytes".into(), stats.data_bytes.to_string());
+                output.insert("blocks_sent".into(), stats.blocks_sent.to_string());
+                output.insert("blocks_total".into(), stats.blocks_total.to_string());
+                output.insert("digest".into(), stats.digest.to_string());
             }
-            TaskKind::Migrate { .. } => {
-                return Err(TaskFailure {
-                    reason:
-                        "migrate tasks are not supported by this agent yet: the driver pulls a \
-                             migration from the target's host, and the source-to-target handoff \
-                             between agents is not implemented"
-                            .into(),
-                    retryable: false,
-                })
+            TaskKind::Migrate {
+                server_id,
+                source_host,
+                target_host,
+                disks,
+            } => {
+                self.check_host(target_host)?;
+                let endpoint = self.peer(a, source_host)?;
+                let mut sent = 0u64;
+                for d in disks {
+                    let req = MigrateRequest {
+                        source: SyncSource {
+                            endpoint: endpoint.clone(),
+                            volume: d.source.volume_id.clone(),
+                        },
+                        target: VolumeSpec {
+                            id: d.target.volume_id.clone(),
+                            kind: match d.target.layout {
+                                VolumeLayout::Block => VolumeKind::Disk,
+                                VolumeLayout::Tree => VolumeKind::Share,
+                            },
+                            pool: d.target.pool.clone(),
+                            size_bytes: d.target.size_bytes,
+                            reserve: false,
+                            read_only: true,
+                        },
+                        bwlimit: None,
+                        task_id: Some(a.task_id.clone()),
+                    };
+                    let stats = self
+                        .driver
+                        .migrate(
+                            &req,
+                            Some(self.progress_fn(a, run)),
+                            CancellationToken::new(),
+                        )
+                        .await?;
+                    sent = sent.saturating_add(stats.bytes_sent);
+                }
+                output.insert("server_id".into(), server_id.clone());
+                output.insert("disks".into(), disks.len().to_string());
+                output.insert("bytes_sent".into(), sent.to_string());
+            }
+            TaskKind::Workload {
+                host,
+                workload_kind,
+                workload_id,
+                action,
+            } => {
+                self.check_host(host)?;
+                match action {
+                    WorkloadAction::Start | WorkloadAction::Stop | WorkloadAction::Restart => {
+                        // Neither driver runs guests: the action is recorded, and the
+                        // workload's status lives in the replicated inventory.
+                    }
+                    WorkloadAction::CreateVolume { volume } => {
+                        let spec = VolumeSpec {
+                            id: volume.volume_id.clone(),
+                            kind: match (volume.layout, workload_kind.as_str()) {
+                                (VolumeLayout::Tree, _) => VolumeKind::Share,
+                                (VolumeLayout::Block, "database") => VolumeKind::Database,
+                                (VolumeLayout::Block, _) => VolumeKind::Disk,
+                            },
+                            pool: volume.pool.clone(),
+                            size_bytes: volume.size_bytes,
+                            reserve: false,
+                            read_only: false,
+                        };
+                        let info = self.driver.create_volume(&spec).await?;
+                        output.insert("volume_id".into(), info.id);
+                        output.insert("size_bytes".into(), info.size_bytes.to_string());
+                    }
+                    WorkloadAction::ResizeVolume { volume, size_bytes } => {
+                        let info = self.driver.volume(&volume.volume_id).await?;
+                        if info.kind.is_file() && *size_bytes > info.size_bytes && !info.fenced {
+                            // Growing an image: a zero byte at the new end (a replica grows
+                            // with its next sync).
+                            self.driver
+                                .write(
+                                    &volume.volume_id,
+                                    WriteOp::At {
+                                        offset: size_bytes - 1,
+                                        data: &[0],
+                                    },
+                                )
+                                .await?;
+                        }
+                        output.insert("size_bytes".into(), size_bytes.to_string());
+                    }
+                    WorkloadAction::DeleteVolume { volume } => {
+                        self.driver.delete_volume(&volume.volume_id).await?;
+                    }
+                }
+                output.insert("workload_id".into(), workload_id.clone());
+                output.insert("action".into(), action.name().to_string());
             }
         }
         Ok(output)
+    }
+
+    /// The data address of `host`'s agent, as the leader sent it with the assignment.
+    fn peer(&self, a: &Assignment, host: &str) -> Result<String, TaskFailure> {
+        match a.peers.get(host) {
+            Some(addr) if !addr.is_empty() => Ok(addr.clone()),
+            _ => Err(TaskFailure {
+                reason: format!(
+                    "the address of host '{host}''s agent is unknown (is its agent running?)"
+                ),
+                retryable: true,
+            }),
+        }
+    }
+
+    /// Progress of a sync or migration, reported as the task's progress.
+    fn progress_fn(self: &Arc<Self>, a: &Assignment, run: u64) -> ProgressFn {
+        let me = Arc::clone(self);
+        let task_id = a.task_id.clone();
+        Arc::new(move |p: SyncProgress| {
+            let percent = (p.bytes_done.saturating_mul(100) / p.bytes_total.max(1)).min(99) as u8;
+            me.report_progress(
+                &task_id,
+                run,
+                Progress {
+                    percent,
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                },
+            );
+        })
     }
 
     fn check_host(&self, host: &str) -> Result<(), TaskFailure> {
@@ -1138,6 +1281,7 @@ mod tests {
 
     fn assign(task: &str, kind: TaskKind, term: u64, attempt: u32) -> ControlMessage {
         ControlMessage::Assign(Box::new(Assignment {
+            peers: Default::default(),
             task_id: task.into(),
             job_id: "job-1".into(),
             kind,

@@ -45,7 +45,7 @@ use drplane_statemachine::inventory::{
     WORKLOADS_PER_COMMAND_MAX,
 };
 use drplane_statemachine::jobs::{
-    FencingToken, JobsCommand, Progress, Task, TaskOutcome, TaskStatus, EXPIRE_LIMIT_MAX,
+    FencingToken, JobsCommand, Progress, Task, TaskKind, TaskOutcome, TaskStatus, EXPIRE_LIMIT_MAX,
 };
 use drplane_statemachine::{Command, CommandError, CommandResult, Proposal};
 use openraft::ServerState;
@@ -685,7 +685,8 @@ impl Scheduler {
         }
         for t in tasks {
             if let Some(token) = t.token {
-                if lead.send(host, &assign_message(&t, token)) {
+                let msg = assign_message(&t, token, &lock(&lead.hosts));
+                if lead.send(host, &msg) {
                     lead.hold(host, &t.id, token);
                 }
             }
@@ -764,7 +765,8 @@ impl Scheduler {
                 if t.status.is_active() && t.assigned_host.as_deref() == Some(r.host.as_str()) =>
             {
                 if let Some(token) = t.token {
-                    if lead.send(&r.host, &assign_message(&t, token)) {
+                    let msg = assign_message(&t, token, &lock(&lead.hosts));
+                    if lead.send(&r.host, &msg) {
                         lead.hold(&r.host, &t.id, token);
                     }
                 }
@@ -1090,7 +1092,8 @@ impl Scheduler {
                         "task assigned"
                     );
                     // If the session is gone, the lease runs out and the task is reassigned.
-                    if lead.send(&host, &assign_message(&t, token)) {
+                    let msg = assign_message(&t, token, &lock(&lead.hosts));
+                    if lead.send(&host, &msg) {
                         lead.hold(&host, &t.id, token);
                     }
                 }
@@ -1229,13 +1232,28 @@ struct LoopCtx {
     rr: usize,
 }
 
-fn assign_message(t: &Task, token: FencingToken) -> ControlMessage {
+fn assign_message(t: &Task, token: FencingToken, hosts: &HashMap<String, Host>) -> ControlMessage {
+    // The agent pulls a sync or a migration from the source's agent: tell it where that is.
+    let source_host = match &t.kind {
+        TaskKind::Sync { source, .. } => Some(source.host.as_str()),
+        TaskKind::Migrate { source_host, .. } => Some(source_host.as_str()),
+        _ => None,
+    };
+    let peers = source_host
+        .and_then(|h| {
+            hosts
+                .get(h)
+                .map(|host| (h.to_string(), host.agent_address.clone()))
+        })
+        .into_iter()
+        .collect();
     ControlMessage::Assign(Box::new(Assignment {
         task_id: t.id.clone(),
         job_id: t.job_id.clone(),
         kind: t.kind.clone(),
         token,
         lease_until_ms: t.lease_expiry_ms.unwrap_or(0),
+        peers,
     }))
 }
 

@@ -282,6 +282,48 @@ pub enum TaskKind {
     },
     /// Remove a copy (runs on its host).
     DeleteVolume { pair_id: String, volume: VolumeRef },
+    /// An action on a workload or one of its volumes, run by the agent of `host`.
+    Workload {
+        host: String,
+        /// `server`, `share` or `database`.
+        workload_kind: String,
+        workload_id: String,
+        action: WorkloadAction,
+    },
+}
+
+/// What a [`TaskKind::Workload`] task does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkloadAction {
+    Start,
+    Stop,
+    Restart,
+    /// Make a new, writable volume (a new instance's disk).
+    CreateVolume {
+        volume: VolumeRef,
+    },
+    /// Grow a volume to `size_bytes` (never shrinks).
+    ResizeVolume {
+        volume: VolumeRef,
+        size_bytes: u64,
+    },
+    /// Remove a volume and its data (deleting a missing one succeeds).
+    DeleteVolume {
+        volume: VolumeRef,
+    },
+}
+
+impl WorkloadAction {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkloadAction::Start => "start",
+            WorkloadAction::Stop => "stop",
+            WorkloadAction::Restart => "restart",
+            WorkloadAction::CreateVolume { .. } => "create_volume",
+            WorkloadAction::ResizeVolume { .. } => "resize_volume",
+            WorkloadAction::DeleteVolume { .. } => "delete_volume",
+        }
+    }
 }
 
 impl TaskKind {
@@ -294,6 +336,7 @@ impl TaskKind {
             TaskKind::Fence { .. } => "fence",
             TaskKind::Migrate { .. } => "migrate",
             TaskKind::DeleteVolume { .. } => "delete_volume",
+            TaskKind::Workload { .. } => "workload",
         }
     }
 
@@ -307,6 +350,7 @@ impl TaskKind {
             | TaskKind::Fence { volume, .. }
             | TaskKind::DeleteVolume { volume, .. } => Some(&volume.host),
             TaskKind::Migrate { target_host, .. } => Some(target_host),
+            TaskKind::Workload { host, .. } => Some(host),
         }
     }
 
@@ -392,6 +436,37 @@ impl TaskKind {
                     vol("disks.target", &d.target)?;
                 }
                 Ok(())
+            }
+            TaskKind::Workload {
+                host,
+                workload_kind,
+                workload_id,
+                action,
+            } => {
+                validate_host_name("host", host)?;
+                if !matches!(workload_kind.as_str(), "server" | "share" | "database") {
+                    return Err(CommandError::invalid(
+                        "workload_kind",
+                        "must be server, share or database",
+                    ));
+                }
+                validate_id("workload_id", workload_id)?;
+                match action {
+                    WorkloadAction::Start | WorkloadAction::Stop | WorkloadAction::Restart => {
+                        Ok(())
+                    }
+                    WorkloadAction::CreateVolume { volume }
+                    | WorkloadAction::ResizeVolume { volume, .. }
+                    | WorkloadAction::DeleteVolume { volume } => {
+                        if &volume.host != host {
+                            return Err(CommandError::invalid(
+                                "action.volume.host",
+                                "must be the task's host",
+                            ));
+                        }
+                        vol("action.volume", volume)
+                    }
+                }
             }
         }
     }
