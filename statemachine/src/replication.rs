@@ -968,3 +968,339 @@ fn split_be_key(key: &[u8]) -> Option<(u64, String)> {
         String::from_utf8_lossy(&key[8..]).into_owned(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+    use crate::jobs::testkit::Fixture;
+    use crate::jobs::{JobsCommand, TaskOutcome, TaskStatus, VolumeLayout};
+
+    fn vol(host: &str) -> VolumeRef {
+        VolumeRef {
+            host: host.into(),
+            pool: "p1".into(),
+            volume_id: "disk-1".into(),
+            path: String::new(),
+            size_bytes: 1 << 20,
+            layout: VolumeLayout::Block,
+        }
+    }
+
+    fn setup() -> Fixture {
+        let f = Fixture::new();
+        f.site("s1");
+        f.site("s2");
+        f.host("h1", "s1");
+        f.host("h2", "s2");
+        f
+    }
+
+    fn repl(f: &Fixture, c: ReplicationCommand) -> CommandResult {
+        f.apply(Command::Replication(c))
+    }
+
+    fn create(f: &Fixture) -> Pair {
+        let pair = NewPair {
+            id: "pair-1".into(),
+            project: "proj1".into(),
+            owner: "native".into(),
+            source: vol("h1"),
+            target: vol("h2"),
+            enabled: true,
+            sleep_time_s: 30,
+            bwlimit_bytes_per_sec: Some(1 << 20),
+        };
+        match repl(
+            f,
+            ReplicationCommand::Create {
+                pair: Box::new(pair),
+                job_id: "job-create".into(),
+            },
+        ) {
+            Ok(Outcome::Pair(p)) => *p,
+            other => panic!("create pair: {other:?}"),
+        }
+    }
+
+    fn pair(f: &Fixture) -> Pair {
+        f.store.get_pair("pair-1").expect("read").expect("pair")
+    }
+
+    /// Runs the job's tasks in order on their placement hosts; each sync reports
+    /// `bytes` sent. Returns the hosts the tasks ran on, with their kinds.
+    fn run(f: &Fixture, job_id: &str, bytes: u64) -> Vec<(String, String)> {
+        let mut ran = Vec::new();
+        loop {
+            let tasks = f.store.job_tasks(job_id).expect("tasks");
+            let Some(t) = tasks.iter().find(|t| t.status == TaskStatus::Ready) else {
+                break;
+            };
+            let host = t.placement_host.clone().expect("placement");
+            let token = f.assign_ok(&t.id, &host, 1);
+            let output = [("bytes_sent".to_string(), bytes.to_string())].into();
+            f.jobs(JobsCommand::ReportResult {
+                task_id: t.id.clone(),
+                token,
+                outcome: TaskOutcome::Succeeded { output },
+            })
+            .expect("report");
+            ran.push((host, t.kind.name().to_string()));
+        }
+        ran
+    }
+
+    fn operate(f: &Fixture, op: PairOp, job: &str) -> CommandResult {
+        repl(
+            f,
+            ReplicationCommand::Operate {
+                id: "pair-1".into(),
+                op,
+                job_id: job.into(),
+                job_type: "test".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn create_runs_on_the_target_then_schedules_periodic_syncs() {
+        let mut f = setup();
+        let p = create(&f);
+        assert_eq!(p.state, PairState::Creating);
+        assert_eq!(p.busy_job.as_deref(), Some("job-create"));
+        let ran = run(&f, "job-create", 4096);
+        assert_eq!(
+            ran,
+            vec![
+                ("h2".to_string(), "create_target".to_string()),
+                ("h2".to_string(), "sync".to_string())
+            ]
+        );
+        let p = pair(&f);
+        assert_eq!(p.state, PairState::Active);
+        assert_eq!(p.busy_job, None);
+        assert_eq!(p.bytes_sent_total, 4096);
+        assert_eq!(p.recovery_point_ms, Some(f.now));
+        assert_eq!(p.next_sync_ms, Some(f.now + 30_000));
+        // Not due before the interval, due after it.
+        assert!(f
+            .store
+            .due_pairs(f.now + 29_999, 10)
+            .expect("due")
+            .is_empty());
+        f.now += 30_000;
+        assert_eq!(f.store.due_pairs(f.now, 10).expect("due"), vec!["pair-1"]);
+        let started = repl(
+            &f,
+            ReplicationCommand::StartDueSyncs {
+                syncs: vec![("pair-1".into(), "sync-1".into())],
+            },
+        );
+        assert_eq!(started, Ok(Outcome::TaskIds(vec!["sync-1".into()])));
+        // Busy: no longer due, and a second start is skipped.
+        assert!(f.store.due_pairs(u64::MAX, 10).expect("due").is_empty());
+        let again = repl(
+            &f,
+            ReplicationCommand::StartDueSyncs {
+                syncs: vec![("pair-1".into(), "sync-2".into())],
+            },
+        );
+        assert_eq!(again, Ok(Outcome::TaskIds(vec![])));
+        f.now += 1000;
+        run(&f, "sync-1", 100);
+        let p = pair(&f);
+        assert_eq!(p.syncs_ok, 2);
+        assert_eq!(p.bytes_sent_total, 4196);
+        assert_eq!(p.last_sync_bytes, 100);
+        // The recovery point is when the sync job started, not when it ended.
+        assert_eq!(p.recovery_point_ms, Some(f.now - 1000));
+        assert_eq!(p.rpo_seconds(f.now + 5000), Some(6.0));
+    }
+
+    #[test]
+    fn disabled_pairs_are_never_due_and_reenabling_syncs_at_once() {
+        let mut f = setup();
+        create(&f);
+        run(&f, "job-create", 1);
+        let upd = |enabled| {
+            repl(
+                &f,
+                ReplicationCommand::Update {
+                    id: "pair-1".into(),
+                    enabled: Some(enabled),
+                    sleep_time_s: None,
+                    bwlimit_bytes_per_sec: Some(None),
+                },
+            )
+        };
+        assert!(upd(false).is_ok());
+        assert!(f.store.due_pairs(u64::MAX, 10).expect("due").is_empty());
+        f.now += 5_000;
+        let Ok(Outcome::Pair(p)) = repl(
+            &f,
+            ReplicationCommand::Update {
+                id: "pair-1".into(),
+                enabled: Some(true),
+                sleep_time_s: None,
+                bwlimit_bytes_per_sec: None,
+            },
+        ) else {
+            panic!("update");
+        };
+        assert_eq!(p.bwlimit_bytes_per_sec, None);
+        assert_eq!(f.store.due_pairs(f.now, 10).expect("due"), vec!["pair-1"]);
+    }
+
+    #[test]
+    fn planned_failover_preempts_a_periodic_sync_then_reinit_reverses() {
+        let mut f = setup();
+        create(&f);
+        run(&f, "job-create", 1);
+        f.now += 30_000;
+        repl(
+            &f,
+            ReplicationCommand::StartDueSyncs {
+                syncs: vec![("pair-1".into(), "sync-1".into())],
+            },
+        )
+        .expect("start");
+        let op = PairOp::PlannedFailover {
+            keep_replicating: false,
+        };
+        assert!(matches!(
+            operate(&f, op.clone(), "fo-1"),
+            Ok(Outcome::Job(_))
+        ));
+        // The periodic sync was cancelled; a second user operation is refused.
+        assert_eq!(f.job("sync-1").status, JobStatus::Fail);
+        assert!(matches!(
+            operate(&f, PairOp::Reinit, "x"),
+            Err(CommandError::Conflict(_))
+        ));
+        let ran = run(&f, "fo-1", 10);
+        assert_eq!(
+            ran,
+            vec![
+                ("h2".to_string(), "sync".to_string()),
+                ("h1".to_string(), "fence".to_string()),
+                ("h2".to_string(), "promote".to_string())
+            ]
+        );
+        let p = pair(&f);
+        assert_eq!(p.state, PairState::FailedOver);
+        assert!(p.reinit_required);
+        assert_eq!(p.source.host, "h2");
+        assert_eq!(p.target.host, "h1");
+        assert!(f.store.due_pairs(u64::MAX, 10).expect("due").is_empty());
+        // Reinit: fence the old primary, then sync to it (pulled by h1 from h2).
+        operate(&f, PairOp::Reinit, "re-1").expect("reinit");
+        let ran = run(&f, "re-1", 10);
+        assert_eq!(
+            ran,
+            vec![
+                ("h1".to_string(), "fence".to_string()),
+                ("h1".to_string(), "sync".to_string())
+            ]
+        );
+        let p = pair(&f);
+        assert_eq!(p.state, PairState::Active);
+        assert!(!p.reinit_required);
+    }
+
+    #[test]
+    fn unplanned_failover_promotes_only_and_failed_syncs_keep_the_pair_active() {
+        let mut f = setup();
+        create(&f);
+        run(&f, "job-create", 1);
+        // A failing sync: the pair stays active and says why.
+        operate(
+            &f,
+            PairOp::Sync {
+                full: false,
+                periodic: false,
+            },
+            "s-1",
+        )
+        .expect("sync");
+        f.jobs(JobsCommand::CancelJob {
+            job_id: "s-1".into(),
+            by: "test".into(),
+        })
+        .expect("cancel");
+        let p = pair(&f);
+        assert_eq!(p.state, PairState::Active);
+        assert_eq!(p.syncs_failed, 1);
+        assert!(p
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cancelled")));
+        f.now += 1;
+        operate(&f, PairOp::UnplannedFailover, "u-1").expect("failover");
+        let ran = run(&f, "u-1", 0);
+        assert_eq!(ran, vec![("h2".to_string(), "promote".to_string())]);
+        let p = pair(&f);
+        assert_eq!(p.state, PairState::FailedOver);
+        assert_eq!(p.source.host, "h2");
+        // Delete without the target ends at once and removes the pair.
+        let Ok(Outcome::Job(j)) = operate(
+            &f,
+            PairOp::Delete {
+                delete_target: false,
+            },
+            "d-1",
+        ) else {
+            panic!("delete");
+        };
+        assert_eq!(j.status, JobStatus::Success);
+        assert_eq!(f.store.get_pair("pair-1").expect("read"), None);
+    }
+
+    #[test]
+    fn bad_pairs_are_refused() {
+        let f = setup();
+        let mut p = NewPair {
+            id: "p".into(),
+            project: "proj1".into(),
+            owner: "native".into(),
+            source: vol("h1"),
+            target: vol("h1"),
+            enabled: true,
+            sleep_time_s: 30,
+            bwlimit_bytes_per_sec: None,
+        };
+        assert!(validate_new_pair(&p).is_err());
+        p.target = vol("nowhere");
+        let r = repl(
+            &f,
+            ReplicationCommand::Create {
+                pair: Box::new(p.clone()),
+                job_id: "j".into(),
+            },
+        );
+        assert!(matches!(r, Err(CommandError::NotFound { .. })), "{r:?}");
+        p.target = vol("h2");
+        p.sleep_time_s = 0;
+        assert!(validate_new_pair(&p).is_err());
+        // Nothing was staged by the refused create.
+        assert!(f.store.list_pairs().expect("list").is_empty());
+        // A refusal found after the pair was staged (the job id is taken) leaves no pair.
+        f.create(crate::jobs::testkit::new_job(
+            "taken",
+            vec![crate::jobs::testkit::sleep_task("t", &[], 1)],
+        ));
+        p.sleep_time_s = 30;
+        let r = repl(
+            &f,
+            ReplicationCommand::Create {
+                pair: Box::new(p),
+                job_id: "taken".into(),
+            },
+        );
+        assert!(
+            matches!(r, Err(CommandError::AlreadyExists { .. })),
+            "{r:?}"
+        );
+        assert_eq!(f.store.get_pair("p").expect("read"), None);
+        assert!(f.store.pairs_of_owner("native").expect("owner").is_empty());
+    }
+}

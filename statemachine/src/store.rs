@@ -104,6 +104,7 @@ impl Store {
             txn.put(CF_META, KEY_CLOCK, encode(&now)?)?;
             self.expire_requests(&mut txn, now)?;
             crate::jobs::purge_finished(&mut txn, now)?;
+            crate::identity::purge_expired_tokens(&mut txn, now)?;
 
             results.reserve(batch.proposals.len());
             for proposal in &batch.proposals {
@@ -113,7 +114,7 @@ impl Store {
                             let (_, result): (u64, CommandResult) = decode(&prior)?;
                             result
                         } else {
-                            let result = apply_command(&mut txn, &proposal.command, now)?;
+                            let result = apply_one(&mut txn, &proposal.command, now)?;
                             txn.put(CF_REQUESTS, id.as_bytes(), encode(&(now, &result))?)?;
                             txn.put(CF_REQUESTS_BY_TIME, &time_key(now, id), Vec::new())?;
                             result
@@ -123,7 +124,7 @@ impl Store {
                         "request_id",
                         format!("at most {REQUEST_ID_MAX} bytes"),
                     )),
-                    None => apply_command(&mut txn, &proposal.command, now)?,
+                    None => apply_one(&mut txn, &proposal.command, now)?,
                 };
                 results.push(result);
             }
@@ -133,7 +134,7 @@ impl Store {
         // Durability comes from the Raft log, which is synced; a lost tail of the state
         // machine is re-applied from the log. `flush_durable` syncs before log purges.
         wo.set_sync(false);
-        self.db.write_opt(txn.into_batch(), &wo)?;
+        self.db.write_opt(txn.into_batch()?, &wo)?;
         Ok(results)
     }
 
@@ -270,6 +271,18 @@ fn time_key(time_ms: u64, id: &str) -> Vec<u8> {
 /// The deterministic heart: validates against current state and stages the changes.
 /// `Err(StoreError)` is a store failure (fatal for the node); a refused command is
 /// `Ok(Err(CommandError))`.
+/// Applies one command; a refusal leaves nothing staged.
+fn apply_one(txn: &mut Txn<'_>, command: &Command, now: u64) -> Result<CommandResult, StoreError> {
+    txn.begin();
+    let result = apply_command(txn, command, now)?;
+    if result.is_err() {
+        txn.rollback();
+    } else {
+        txn.commit();
+    }
+    Ok(result)
+}
+
 fn apply_command(
     txn: &mut Txn<'_>,
     command: &Command,

@@ -18,19 +18,26 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// Raw (key, value) pairs in key order.
 pub type KeyValues = Vec<KeyValue>;
 
+type OverlayKey = (&'static str, Vec<u8>);
+
 /// The pending writes of one entry, with read-your-writes for point lookups.
+///
+/// A refused command leaves no trace: `store` opens a command with [`Txn::begin`] and,
+/// when the command answers with an error, undoes whatever it staged with
+/// [`Txn::rollback`]. So a command may stage writes before it finds a reason to refuse.
 pub struct Txn<'a> {
     db: &'a DB,
-    batch: WriteBatch,
-    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    overlay: HashMap<OverlayKey, Option<Vec<u8>>>,
+    /// Since `begin`: each staged key with its overlay value before (None: not staged).
+    undo: Option<Vec<(OverlayKey, Option<Option<Vec<u8>>>)>>,
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
         Txn {
             db,
-            batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            undo: None,
         }
     }
 
@@ -48,21 +55,65 @@ impl<'a> Txn<'a> {
     }
 
     pub fn put(&mut self, cf: &'static str, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.put_cf(self.cf(cf)?, key, &value);
-        self.overlay.insert((cf, key.to_vec()), Some(value));
-        Ok(())
+        self.stage((cf, key.to_vec()), Some(value))
     }
 
     pub fn delete(&mut self, cf: &'static str, key: &[u8]) -> Result<(), StoreError> {
-        self.batch.delete_cf(self.cf(cf)?, key);
-        self.overlay.insert((cf, key.to_vec()), None);
+        self.stage((cf, key.to_vec()), None)
+    }
+
+    fn stage(&mut self, key: OverlayKey, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.cf(key.0)?;
+        let prev = self.overlay.insert(key.clone(), value);
+        if let Some(undo) = &mut self.undo {
+            undo.push((key, prev));
+        }
         Ok(())
+    }
+
+    /// Starts recording what the next command stages.
+    pub(crate) fn begin(&mut self) {
+        self.undo = Some(Vec::new());
+    }
+
+    /// Keeps what the command since [`Txn::begin`] staged.
+    pub(crate) fn commit(&mut self) {
+        self.undo = None;
+    }
+
+    /// Undoes what the command since [`Txn::begin`] staged.
+    pub(crate) fn rollback(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            for (key, prev) in undo.into_iter().rev() {
+                match prev {
+                    Some(v) => {
+                        self.overlay.insert(key, v);
+                    }
+                    None => {
+                        self.overlay.remove(&key);
+                    }
+                }
+            }
+        }
     }
 }
 
 impl<'a> Txn<'a> {
-    pub(crate) fn into_batch(self) -> WriteBatch {
-        self.batch
+    /// The staged writes as one batch (each key's last value; order between keys does
+    /// not matter).
+    pub(crate) fn into_batch(self) -> Result<WriteBatch, StoreError> {
+        let mut batch = WriteBatch::default();
+        for ((cf, key), value) in self.overlay {
+            let handle = self
+                .db
+                .cf_handle(cf)
+                .ok_or(StoreError::MissingColumnFamily(cf))?;
+            match value {
+                Some(v) => batch.put_cf(handle, &key, &v),
+                None => batch.delete_cf(handle, &key),
+            }
+        }
+        Ok(batch)
     }
 
     /// The store under the overlay, for ordered scans that stop early (e.g. expiry indexes);
@@ -188,7 +239,10 @@ mod tests {
         txn.put(CF_SITES, b"p/1", b"one".to_vec()).expect("put");
         txn.put(CF_SITES, b"p/2", b"two".to_vec()).expect("put");
         txn.put(CF_SITES, b"q/1", b"other".to_vec()).expect("put");
-        store.db.write(txn.into_batch()).expect("write");
+        store
+            .db
+            .write(txn.into_batch().expect("batch"))
+            .expect("write");
 
         let mut txn = super::Txn::new(&store.db);
         txn.delete(CF_SITES, b"p/1").expect("delete");
@@ -210,7 +264,10 @@ mod tests {
         for k in [&b"p/1"[..], b"p/3", b"p/5", b"q/1"] {
             txn.put(CF_SITES, k, k.to_vec()).expect("put");
         }
-        store.db.write(txn.into_batch()).expect("write");
+        store
+            .db
+            .write(txn.into_batch().expect("batch"))
+            .expect("write");
 
         let mut txn = super::Txn::new(&store.db);
         txn.delete(CF_SITES, b"p/1").expect("delete");
