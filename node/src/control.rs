@@ -149,8 +149,68 @@ impl ControlPlane for NodeControl {
         if let Some(s) = &self.scheduler {
             text.push_str(&s.metrics_text());
         }
+        text.push_str(&replication_metrics(
+            self.node.store(),
+            drplane_raft::now_ms(),
+        ));
         text
     }
+}
+
+/// Per-pair recovery point and bytes sent, and pairs by state, from this node's store.
+fn replication_metrics(store: &drplane_statemachine::Store, now_ms: u64) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let pairs = match store.list_pairs() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read replication pairs for metrics");
+            return String::new();
+        }
+    };
+    let esc = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let mut out = String::new();
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in &pairs {
+        *by_state.entry(p.state.as_str()).or_default() += 1;
+    }
+    out.push_str("# HELP drplane_replication_pairs Replication pairs by state.\n");
+    out.push_str("# TYPE drplane_replication_pairs gauge\n");
+    for state in ["creating", "active", "failed_over", "error"] {
+        let n = by_state.get(state).copied().unwrap_or(0);
+        let _ = writeln!(out, "drplane_replication_pairs{{state=\"{state}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP drplane_replication_rpo_seconds Age of the data the pair's target holds \
+         (now minus the start of its last successful sync).\n",
+    );
+    out.push_str("# TYPE drplane_replication_rpo_seconds gauge\n");
+    for p in &pairs {
+        if let Some(rpo) = p.rpo_seconds(now_ms) {
+            let _ = writeln!(
+                out,
+                "drplane_replication_rpo_seconds{{pair=\"{}\",owner=\"{}\",project=\"{}\"}} {rpo:.3}",
+                esc(&p.id),
+                esc(&p.owner),
+                esc(&p.project)
+            );
+        }
+    }
+    out.push_str("# HELP drplane_replication_bytes_sent_total Bytes the pair's syncs sent.\n");
+    out.push_str("# TYPE drplane_replication_bytes_sent_total counter\n");
+    for p in &pairs {
+        let _ = writeln!(
+            out,
+            "drplane_replication_bytes_sent_total{{pair=\"{}\"}} {}",
+            esc(&p.id),
+            p.bytes_sent_total
+        );
+    }
+    out
 }
 
 /// `host:port` with a non-empty host and a numeric port.

@@ -47,6 +47,7 @@ use drplane_statemachine::inventory::{
 use drplane_statemachine::jobs::{
     FencingToken, JobsCommand, Progress, Task, TaskKind, TaskOutcome, TaskStatus, EXPIRE_LIMIT_MAX,
 };
+use drplane_statemachine::replication::{ReplicationCommand, DUE_SYNCS_MAX};
 use drplane_statemachine::{Command, CommandError, CommandResult, Proposal};
 use openraft::ServerState;
 use tokio::sync::{mpsc, watch, Notify};
@@ -113,6 +114,7 @@ struct SchedulerMetrics {
     renewals: AtomicU64,
     leases_expired: AtomicU64,
     hosts_offline: AtomicU64,
+    syncs_started: AtomicU64,
     dispatch_seconds: Option<Histogram>,
 }
 
@@ -559,6 +561,7 @@ impl Scheduler {
         if now_ms() >= ctx.grace_until_ms {
             self.expire_leases(lead).await;
         }
+        self.start_due_syncs(lead).await;
         self.dispatch(lead, ctx).await;
         if ctx.last_sweep.elapsed() >= SWEEP_EVERY {
             ctx.last_sweep = Instant::now();
@@ -1003,6 +1006,40 @@ impl Scheduler {
         }
     }
 
+    /// Continuous replication: a sync job for every enabled, idle pair whose interval
+    /// has passed (the state machine skips any that stopped being due meanwhile).
+    async fn start_due_syncs(&self, lead: &Leadership) {
+        let due = match self.node.store().due_pairs(now_ms(), DUE_SYNCS_MAX) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pairs due for a sync");
+                return;
+            }
+        };
+        if due.is_empty() {
+            return;
+        }
+        let syncs: Vec<(String, String)> = due
+            .into_iter()
+            .map(|pair| (pair, uuid::Uuid::new_v4().to_string()))
+            .collect();
+        let cmd = Command::Replication(ReplicationCommand::StartDueSyncs { syncs });
+        match self.propose_one(lead, cmd).await {
+            Ok(Ok(Outcome::TaskIds(jobs))) => {
+                self.metrics
+                    .syncs_started
+                    .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                if !jobs.is_empty() {
+                    tracing::debug!(started = jobs.len(), "periodic syncs started");
+                    lead.wake();
+                }
+            }
+            Ok(Ok(other)) => tracing::warn!(outcome = ?other, "unexpected answer to StartDueSyncs"),
+            Ok(Err(e)) => tracing::warn!(reason = %e, "StartDueSyncs refused"),
+            Err(e) => tracing::debug!(error = %e, "StartDueSyncs not recorded"),
+        }
+    }
+
     async fn dispatch(&self, lead: &Leadership, ctx: &mut LoopCtx) {
         let now = now_ms();
         let ready = match self.node.store().ready_tasks(now, DISPATCH_SCAN) {
@@ -1219,6 +1256,12 @@ impl Scheduler {
             "drplane_scheduler_hosts_marked_offline_total",
             "Hosts marked offline because their agent fell silent.",
             m.hosts_offline.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "drplane_scheduler_periodic_syncs_started_total",
+            "Periodic sync jobs this node started for replication pairs.",
+            m.syncs_started.load(Ordering::Relaxed),
         );
         out
     }
