@@ -60,6 +60,7 @@ struct Service {
 }
 
 pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncServer> {
+    let inner_tls = inner.tls.clone();
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .ctx(|| format!("bind sync server on {bind}"))?;
@@ -75,7 +76,17 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
     .max_encoding_message_size(MAX_MESSAGE);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let stop2 = stop.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    let scheme = match &inner_tls {
+        Some(tls) => {
+            builder = builder
+                .tls_config(tls.server())
+                .map_err(|e| DriverError::InvalidArgument(format!("sync server TLS: {e}")))?;
+            "https"
+        }
+        None => "http",
+    };
+    let server = builder
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
@@ -95,7 +106,7 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
     });
     info!(%addr, "serving block sync");
     Ok(SyncServer {
-        endpoint: format!("http://{addr}"),
+        endpoint: format!("{scheme}://{addr}"),
         local_addr: Some(addr),
         shutdown: Some(tx),
         task: Some(task),
@@ -554,9 +565,18 @@ fn from_status(endpoint: &str, s: &Status) -> DriverError {
     }
 }
 
-pub(crate) async fn connect(endpoint: &str) -> Result<BlockSyncClient<tonic::transport::Channel>> {
-    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| DriverError::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
+pub(crate) async fn connect(
+    endpoint: &str,
+    tls: Option<&crate::tls::AgentTls>,
+) -> Result<BlockSyncClient<tonic::transport::Channel>> {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| DriverError::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
+    if let Some(tls) = tls {
+        ep = ep
+            .tls_config(tls.client())
+            .map_err(|e| DriverError::InvalidArgument(format!("TLS for {endpoint}: {e}")))?;
+    }
+    let ep = ep
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -568,8 +588,12 @@ pub(crate) async fn connect(endpoint: &str) -> Result<BlockSyncClient<tonic::tra
 }
 
 /// The digest of a volume on another agent.
-pub async fn remote_digest(endpoint: &str, volume: &str) -> Result<Digest> {
-    let mut c = connect(endpoint).await?;
+pub async fn remote_digest(
+    endpoint: &str,
+    volume: &str,
+    tls: Option<&crate::tls::AgentTls>,
+) -> Result<Digest> {
+    let mut c = connect(endpoint, tls).await?;
     let r = c
         .digest(proto::DigestRequest {
             volume: volume.to_string(),
@@ -640,7 +664,7 @@ pub(crate) async fn pull(
     let kind = vol.kind();
 
     let mut client = tokio::select! {
-        c = connect(endpoint) => c?,
+        c = connect(endpoint, inner.tls.as_ref()) => c?,
         _ = cancel.cancelled() => return Err(DriverError::Cancelled),
     };
     let (req_tx, req_rx) = mpsc::channel::<TargetMsg>(32);

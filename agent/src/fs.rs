@@ -56,6 +56,9 @@ pub struct FsConfig {
     /// Empty means one pool named "default" without a quota.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// Mutual TLS for the block-sync service and the syncs this agent pulls.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::AgentTls>,
 }
 
 impl FsConfig {
@@ -63,6 +66,7 @@ impl FsConfig {
         FsConfig {
             data_dir: data_dir.into(),
             pools: Vec::new(),
+            tls: None,
         }
     }
 
@@ -169,6 +173,7 @@ impl Vol {
 pub(crate) struct FsInner {
     pub root: PathBuf,
     pools: Vec<PoolConfig>,
+    pub(crate) tls: Option<crate::tls::AgentTls>,
     volumes: Mutex<HashMap<String, Arc<Vol>>>,
     crash: Mutex<Option<CrashPoint>>,
     create_lock: tokio::sync::Mutex<()>,
@@ -207,6 +212,7 @@ impl FsDriver {
         let inner = Arc::new(FsInner {
             root: config.data_dir,
             pools,
+            tls: config.tls,
             volumes: Mutex::new(HashMap::new()),
             crash: Mutex::new(None),
             create_lock: tokio::sync::Mutex::new(()),

@@ -19,6 +19,7 @@ pub mod journal;
 pub mod manifest;
 pub mod runtime;
 pub mod sim;
+pub mod tls;
 
 /// Generated from `proto/blocksync.proto`.
 pub mod proto {
@@ -32,4 +33,5 @@ pub use driver::{
 };
 pub use fs::{CrashPoint, FsConfig, FsDriver, ImageFormat, PoolConfig};
 pub use sim::{SimConfig, SimDriver, SimNetwork};
+pub use tls::AgentTls;
 pub use tokio_util::sync::CancellationToken;

@@ -82,6 +82,8 @@ pub struct RuntimeConfig {
     pub progress_every: Duration,
     /// Finished tasks remembered (to answer a re-sent `Assign` without running again).
     pub finished_kept: usize,
+    /// Mutual TLS towards the nodes' gRPC port (`https://`), when the cluster uses it.
+    pub tls: Option<crate::tls::AgentTls>,
 }
 
 impl RuntimeConfig {
@@ -100,6 +102,7 @@ impl RuntimeConfig {
             backoff_max: Duration::from_secs(5),
             progress_every: Duration::from_secs(1),
             finished_kept: 10_000,
+            tls: None,
         }
     }
 }
@@ -436,16 +439,29 @@ impl Agent {
 
     async fn session(self: &Arc<Self>, addr: &str) -> SessionEnd {
         let failed = |reason: String| SessionEnd::Failed { reason };
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e,
-            Err(e) => return failed(format!("bad address {addr}: {e}")),
+        let scheme = if self.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint =
+            match tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")) {
+                Ok(e) => e,
+                Err(e) => return failed(format!("bad address {addr}: {e}")),
+            };
+        if let Some(tls) = &self.cfg.tls {
+            endpoint = match endpoint.tls_config(tls.client()) {
+                Ok(e) => e,
+                Err(e) => return failed(format!("TLS for {addr}: {e}")),
+            };
         }
-        .connect_timeout(self.cfg.connect_timeout)
-        .tcp_nodelay(true)
-        // A leader that stops answering (paused, partitioned) is left within ~4 s.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+        let endpoint = endpoint
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            // A leader that stops answering (paused, partitioned) is left within ~4 s.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
         let channel = match tokio::time::timeout(self.cfg.connect_timeout, endpoint.connect()).await
         {
             Ok(Ok(c)) => c,

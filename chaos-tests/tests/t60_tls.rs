@@ -362,3 +362,118 @@ fn node_refuses_to_start_with_a_broken_tls_configuration() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// Agents of a TLS cluster speak mutual TLS to the nodes and to each other: two `fs`
+/// agents with certificates from the cluster CA register, and a replication pair between
+/// them syncs byte for byte over their mutual-TLS block-sync service; an agent whose
+/// certificate comes from another CA never comes online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_use_mutual_tls() -> anyhow::Result<()> {
+    let mut c = Cluster::start_tls(&["site-a", "site-b", "site-c"], TIMING).await?;
+    let pki = c.pki.as_ref().expect("tls cluster");
+    let a = pki.issue("h1", &["127.0.0.1", "localhost"])?;
+    let b = pki.issue("h2", &["127.0.0.1", "localhost"])?;
+    let rogue_ca = TestPki::new(&c.dir.path().join("rogue-agent"), "rogue CA")?;
+    let r = rogue_ca.issue("h3", &["127.0.0.1", "localhost"])?;
+    let flags = |t: &NodeTls| {
+        vec![
+            "--tls-cert".to_string(),
+            t.cert.to_string_lossy().into_owned(),
+            "--tls-key".to_string(),
+            t.key.to_string_lossy().into_owned(),
+            "--tls-ca".to_string(),
+            t.ca.to_string_lossy().into_owned(),
+        ]
+    };
+    let config = c.dir.path().join("h1.toml");
+    std::fs::write(
+        &config,
+        "[[servers]]\nid = \"vm-1\"\nproject = \"demo\"\nname = \"vm-1\"\nvcpus = 1\n\
+         ram_mb = 512\ndisks = [{ id = \"vm-1-root\", size_bytes = 2097152 }]\n",
+    )?;
+    let mut h1 = flags(&a);
+    h1.extend([
+        "--config".to_string(),
+        config.to_string_lossy().into_owned(),
+    ]);
+    let h1: Vec<&str> = h1.iter().map(String::as_str).collect();
+    c.spawn_agent_with("h1", "site-a", "fs", &h1)?;
+    let h2 = flags(&b);
+    let h2: Vec<&str> = h2.iter().map(String::as_str).collect();
+    c.spawn_agent_with("h2", "site-b", "fs", &h2)?;
+    let h3 = flags(&r);
+    let h3: Vec<&str> = h3.iter().map(String::as_str).collect();
+    c.spawn_agent_with("h3", "site-c", "fs", &h3)?;
+    let hosts = c
+        .wait_hosts_state(&["h1", "h2"], "online", Duration::from_secs(30))
+        .await?;
+    assert!(
+        hosts["h1"]["agent_address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("https://")),
+        "{}",
+        hosts["h1"]
+    );
+    let src = c
+        .dir
+        .path()
+        .join("agent-h1/volumes/pools/default/vm-1-root/data");
+    let data: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data)?;
+    let leader = c.wait_leader(Duration::from_secs(10)).await?;
+    let r = c
+        .post(
+            leader,
+            "/drplane/v1/pairs",
+            &json!({
+                "id": "p-tls",
+                "project": "demo",
+                "source": {"host": "h1", "pool": "default", "volume_id": "vm-1-root",
+                           "size_bytes": 2097152, "layout": "block"},
+                "target": {"host": "h2", "pool": "default"},
+                "sleep_time": 60,
+            }),
+        )
+        .await?;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = c.get(leader, "/drplane/v1/pairs/p-tls").await?;
+        if p.body["pair"]["state"] == "active" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pair not active: {}\n{}",
+            p.text,
+            c.agent_log("h2")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dst = c
+        .dir
+        .path()
+        .join("agent-h2/volumes/pools/default/vm-1-root/data");
+    assert!(std::fs::read(&dst)? == data, "the copy differs");
+    // The agent with a foreign certificate is refused by every node: it keeps failing to
+    // connect, and its host never shows online.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !c
+        .agent_log("h3")
+        .contains("certificate verification failed")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h3 did not log a refused certificate: {}",
+            c.agent_log("h3")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hosts = c.hosts().await?;
+    assert!(
+        hosts.get("h3").is_none_or(|h| h["state"] != "online"),
+        "{:?}",
+        hosts.get("h3")
+    );
+    Ok(())
+}

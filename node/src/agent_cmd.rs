@@ -54,8 +54,8 @@ use anyhow::{bail, Context};
 use async_trait::async_trait;
 use drplane_agent::runtime::{Agent, Discovery, RuntimeConfig, RuntimeError};
 use drplane_agent::{
-    CancellationToken, Driver, FsConfig, FsDriver, PoolConfig, SimConfig, SimDriver, SimNetwork,
-    SyncServer, VolumeKind, VolumeSpec,
+    AgentTls, CancellationToken, Driver, FsConfig, FsDriver, PoolConfig, SimConfig, SimDriver,
+    SimNetwork, SyncServer, VolumeKind, VolumeSpec,
 };
 use drplane_statemachine::inventory::{
     DatabaseInstance, DatabaseStatus, Datastore, Disk, Flavor, Server, ServerStatus, Share,
@@ -123,6 +123,17 @@ pub struct AgentArgs {
     /// Log format: text or json.
     #[arg(long, env = "DRPLANE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// TLS: this agent's PEM certificate, issued by the cluster CA. With --tls-key and
+    /// --tls-ca the agent reaches the nodes over HTTPS and mutual TLS, and serves and
+    /// pulls block syncs over mutual TLS; give all three or none.
+    #[arg(long, env = "DRPLANE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the PEM private key of --tls-cert.
+    #[arg(long, env = "DRPLANE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the PEM certificate of the cluster CA.
+    #[arg(long, env = "DRPLANE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +156,9 @@ struct FileConfig {
     ram_mb: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
     #[serde(default)]
     pools: Vec<PoolFile>,
     sim: Option<SimFile>,
@@ -229,6 +243,7 @@ struct Settings {
     credentials: Credentials,
     log: String,
     log_json: bool,
+    tls: Option<crate::tls::TlsPaths>,
     pools: Vec<PoolFile>,
     sim: SimFile,
     servers: Vec<ServerFile>,
@@ -325,6 +340,11 @@ impl AgentArgs {
         if log_format != "text" && log_format != "json" {
             bail!("log format must be text or json, not '{log_format}'");
         }
+        let tls = crate::tls::TlsPaths::from_parts(
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_ca.or(file.tls_ca),
+        )?;
         if driver == DriverKind::Fs && file.sim.is_some() {
             bail!("[sim] settings apply to driver = \"sim\" only");
         }
@@ -343,6 +363,7 @@ impl AgentArgs {
                 .or(file.log)
                 .unwrap_or_else(|| "info,openraft=warn".into()),
             log_json: log_format == "json",
+            tls,
             pools: file.pools,
             sim: file.sim.unwrap_or_default(),
             servers: file.servers,
@@ -427,6 +448,8 @@ fn init_tracing(filter: &str, json: bool) {
 /// Finds the leader through the HTTP API: `GET /drplane/v1/cluster`.
 struct HttpDiscovery {
     cluster: String,
+    /// The cluster CA (PEM file), for `https://` endpoints.
+    ca: Option<PathBuf>,
     credentials: Credentials,
     next: std::sync::atomic::AtomicUsize,
 }
@@ -446,7 +469,7 @@ impl Discovery for HttpDiscovery {
         for k in 0..endpoints.len() {
             let endpoint = &endpoints[(start + k) % endpoints.len()];
             // A fresh client each time: a password login is redone, so no token expires.
-            let api = Api::new(endpoint)
+            let api = Api::with_ca(endpoint, self.ca.as_deref())
                 .map_err(|e| RuntimeError::Discovery(format!("{e:#}")))?
                 .with_credentials(self.credentials.clone());
             let answer = tokio::time::timeout(DISCOVERY_TIMEOUT, async {
@@ -497,7 +520,10 @@ fn raft_addresses(status: &Value) -> Vec<String> {
 /// a volume's path for the inventory.
 type VolumePath = Box<dyn Fn(&str) -> String + Send + Sync>;
 
-async fn open_driver(s: &Settings) -> anyhow::Result<(Arc<dyn Driver>, SyncServer, VolumePath)> {
+async fn open_driver(
+    s: &Settings,
+    tls: Option<&AgentTls>,
+) -> anyhow::Result<(Arc<dyn Driver>, SyncServer, VolumePath)> {
     match s.driver {
         DriverKind::Fs => {
             let config = FsConfig {
@@ -510,6 +536,7 @@ async fn open_driver(s: &Settings) -> anyhow::Result<(Arc<dyn Driver>, SyncServe
                         capacity_bytes: p.capacity_bytes,
                     })
                     .collect(),
+                tls: tls.cloned(),
             };
             let driver = FsDriver::open(config)
                 .await
@@ -676,15 +703,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let s = args.settings()?;
     init_tracing(&s.log, s.log_json);
     check_identity(&s.data, &s.host, &s.site)?;
-    let (driver, server, path) = open_driver(&s).await?;
+    let tls = match &s.tls {
+        Some(paths) => {
+            let m = crate::tls::TlsMaterial::load(paths)?;
+            Some(AgentTls::from_pem(
+                m.ca_pem().to_vec(),
+                m.cert_pem().to_vec(),
+                m.key_pem().to_vec(),
+            ))
+        }
+        None => None,
+    };
+    let (driver, server, path) = open_driver(&s, tls.as_ref()).await?;
     let workloads = workloads(&s, &driver, &path).await?;
     let mut cfg = RuntimeConfig::new(s.host.clone(), s.site.clone(), s.data.join("agent"));
     cfg.vcpus = s.vcpus;
     cfg.ram_mb = s.ram_mb;
     cfg.data_address = server.endpoint().to_string();
     cfg.workloads = workloads;
+    cfg.tls = tls;
     let discovery = Arc::new(HttpDiscovery {
         cluster: s.cluster.clone(),
+        ca: s.tls.as_ref().map(|t| t.ca.clone()),
         credentials: s.credentials.clone(),
         next: std::sync::atomic::AtomicUsize::new(0),
     });

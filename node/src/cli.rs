@@ -606,11 +606,8 @@ struct ErrorAnswer {
 }
 
 impl Api {
-    pub(crate) fn new(endpoint_list: &str) -> anyhow::Result<Api> {
-        Api::with_ca(endpoint_list, None)
-    }
-
-    /// Like [`Api::new`], trusting the CA in the PEM file `ca` for `https://` endpoints.
+    /// A client of the nodes in `endpoint_list`, trusting the CA in the PEM file `ca` for
+    /// `https://` endpoints.
     pub(crate) fn with_ca(endpoint_list: &str, ca: Option<&Path>) -> anyhow::Result<Api> {
         let endpoints = parse_endpoints(endpoint_list)?;
         let http = client_builder(ca)?

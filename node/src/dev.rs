@@ -87,14 +87,20 @@ impl NodeSpec {
 /// Makes (or reuses) the dev PKI in `tls_dir` for `node-1`… and gives each spec its files.
 pub(crate) fn enable_dev_tls(
     specs: &mut [NodeSpec],
+    agents: &mut [AgentSpec],
     tls_dir: &Path,
 ) -> anyhow::Result<crate::tls::DevPki> {
-    let names: Vec<String> = specs.iter().map(|s| format!("node-{}", s.id)).collect();
+    let mut names: Vec<String> = specs.iter().map(|s| format!("node-{}", s.id)).collect();
+    names.extend(agents.iter().map(|a| a.host.clone()));
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let pki = crate::tls::generate_dev_pki(tls_dir, &names, &["127.0.0.1", "localhost"])
         .with_context(|| format!("making the dev TLS files in {}", tls_dir.display()))?;
-    for (spec, paths) in specs.iter_mut().zip(&pki.nodes) {
+    let mut issued = pki.nodes.iter();
+    for (spec, paths) in specs.iter_mut().zip(issued.by_ref()) {
         spec.tls = Some(paths.clone());
+    }
+    for (agent, paths) in agents.iter_mut().zip(issued) {
+        agent.tls = Some(paths.clone());
     }
     Ok(pki)
 }
@@ -761,8 +767,16 @@ impl LocalCluster {
             .arg("--data")
             .arg(&spec.data)
             .arg("--listen")
-            .arg("127.0.0.1:0")
-            .env("NO_COLOR", "1")
+            .arg("127.0.0.1:0");
+        if let Some(t) = &spec.tls {
+            cmd.arg("--tls-cert")
+                .arg(&t.cert)
+                .arg("--tls-key")
+                .arg(&t.key)
+                .arg("--tls-ca")
+                .arg(&t.ca);
+        }
+        cmd.env("NO_COLOR", "1")
             // A password, not a token: the agent logs in again at every discovery, so a
             // dev cluster left running for days never hands it an expired token.
             .env_remove("DRPLANE_TOKEN")
@@ -883,6 +897,8 @@ pub(crate) struct AgentSpec {
     pub log: PathBuf,
     /// The TOML file dev writes with the agent's demo workloads.
     pub config: PathBuf,
+    /// The agent's `--tls-cert/--tls-key/--tls-ca` (`drplane dev --tls`).
+    pub tls: Option<crate::tls::TlsPaths>,
 }
 
 /// An agent and, while it runs, its process.
@@ -901,6 +917,7 @@ pub(crate) fn dev_agent_specs(dir: &Path) -> Vec<AgentSpec> {
             data: dir.join(format!("agent-{i}")),
             log: dir.join(format!("agent-{i}.log")),
             config: dir.join(format!("agent-{i}.toml")),
+            tls: None,
         })
         .collect()
 }
@@ -1093,21 +1110,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating directory {}", args.dir.display()))?;
     let mut specs = local_specs(&args.dir, args.base_port)?;
+    let mut agents = dev_agent_specs(&args.dir);
     if args.tls {
-        enable_dev_tls(&mut specs, &args.dir.join("tls"))?;
+        enable_dev_tls(&mut specs, &mut agents, &args.dir.join("tls"))?;
     }
     let mut cluster = LocalCluster::new(specs, Vec::new())?;
-    if args.tls {
-        println!(
-            "drplane dev: --tls: not starting the agents (drplane agent cannot talk TLS to the \
-             cluster yet)"
-        );
-    } else {
-        cluster.agents = dev_agent_specs(&args.dir)
-            .into_iter()
-            .map(|spec| LocalAgent { spec, child: None })
-            .collect();
-    }
+    cluster.agents = agents
+        .into_iter()
+        .map(|spec| LocalAgent { spec, child: None })
+        .collect();
     // The admin password the nodes start with, and the demo credentials, live in
     // <dir>/credentials.json so a resumed cluster keeps them.
     let existing_data = cluster.nodes.iter().any(|n| n.spec.data.exists());
@@ -1253,7 +1264,7 @@ async fn run_until_failure(
     println!("  drplane identity users list{conn_flags}");
     if !cluster.agents.is_empty() {
         println!(
-            "  curl -H \"X-Auth-Token: $(drplane identity login{conn_flags})\" \
+            "  curl{curl_ca} -H \"X-Auth-Token: $(drplane identity login{conn_flags})\" \
              {first}/drplane/v1/servers"
         );
     }
@@ -1292,7 +1303,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut specs = local_specs(dir.path(), 7000).unwrap();
         let tls_dir = dir.path().join("tls");
-        let pki = enable_dev_tls(&mut specs, &tls_dir).expect("pki");
+        let mut agents = dev_agent_specs(dir.path());
+        let pki = enable_dev_tls(&mut specs, &mut agents, &tls_dir).expect("pki");
+        for a in &agents {
+            let t = a.tls.as_ref().expect("agent tls");
+            assert_eq!(t.cert, tls_dir.join(format!("{}.pem", a.host)));
+            crate::tls::TlsMaterial::load(t).expect("agent certificate loads");
+        }
         assert_eq!(pki.ca_cert, tls_dir.join("ca.pem"));
         for (i, s) in specs.iter().enumerate() {
             let t = s.tls.as_ref().expect("tls");
@@ -1305,7 +1322,7 @@ mod tests {
         // A rerun keeps the CA.
         let before = std::fs::read(&pki.ca_cert).expect("ca");
         let mut again = local_specs(dir.path(), 7000).unwrap();
-        enable_dev_tls(&mut again, &tls_dir).expect("again");
+        enable_dev_tls(&mut again, &mut agents, &tls_dir).expect("again");
         assert_eq!(std::fs::read(&pki.ca_cert).expect("ca"), before);
         // And the cluster's client trusts it.
         LocalCluster::new(specs, Vec::new()).expect("cluster with a TLS client");

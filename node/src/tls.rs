@@ -278,10 +278,19 @@ impl TlsMaterial {
             ))
     }
 
-    /// The CA certificate(s) in PEM, for HTTP clients of this node.
-    #[allow(dead_code)] // for the CLI and `drplane dev --tls` (see https_client_builder)
+    /// The CA certificate(s) in PEM, for HTTP clients of this node and for agents.
     pub fn ca_pem(&self) -> &[u8] {
         &self.ca_pem
+    }
+
+    /// This node's (or agent's) certificate chain in PEM.
+    pub fn cert_pem(&self) -> &[u8] {
+        &self.cert_pem
+    }
+
+    /// The private key in PEM (for an agent's TLS configs; never logged).
+    pub fn key_pem(&self) -> &[u8] {
+        &self.key_pem
     }
 }
 
