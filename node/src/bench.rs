@@ -37,6 +37,9 @@ pub enum BenchMode {
     Write(WriteArgs),
     /// Leader kill to next acknowledged write, on a cluster this command starts.
     Failover(FailoverArgs),
+    /// The scheduler with many simulated agents and pairs, on a cluster this command
+    /// starts (see `bench_scale.rs`).
+    Scale(crate::bench_scale::ScaleArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,7 +115,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.mode {
         BenchMode::Write(a) => run_write(a).await,
         BenchMode::Failover(a) => run_failover(a).await,
+        BenchMode::Scale(a) => crate::bench_scale::run(a).await,
     }
+}
+
+/// Median of 50 fdatasync'ed 4 KiB writes to a file in `dir`, in ms: the disk's sync
+/// latency, printed beside benchmark figures.
+pub(crate) fn fsync_probe_ms(dir: &std::path::Path) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let path = dir.join(".fsync-probe");
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let block = [0x5au8; 4096];
+    let mut samples = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok((median(&samples) * 1000.0).round() / 1000.0)
 }
 
 fn cores() -> usize {

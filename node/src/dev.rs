@@ -661,6 +661,11 @@ impl LocalCluster {
     }
 
     /// SIGKILLs node `i` and reaps it. Returns the instant just before the signal was sent.
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i)?.child.as_ref()?.id()
+    }
+
     pub async fn kill_hard(&mut self, i: usize) -> anyhow::Result<Instant> {
         let id = self.nodes[i].spec.id;
         let mut child = self.nodes[i]

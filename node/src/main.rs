@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod agent_service;
 mod bench;
+mod bench_scale;
 mod cli;
 mod control;
 mod dev;
