@@ -912,7 +912,7 @@ volume = { id = "db-1-data", size_bytes = 4096 }
                 pool: None,
             }],
         });
-        let (driver, _server, path) = open_driver(&s).await.expect("driver");
+        let (driver, _server, path) = open_driver(&s, None).await.expect("driver");
         let w = workloads(&s, &driver, &path).await.expect("workloads");
         assert_eq!(w.len(), 1);
         match &w[0] {
