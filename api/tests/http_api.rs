@@ -385,7 +385,7 @@ async fn unknown_route_is_404_and_wrong_method_is_405_in_native_shape() {
     let a = get(&r, "/drplane/v1/nothing-here").await;
     let msg = assert_error(&a, 404, "DRP-2001");
     assert!(msg.contains("/drplane/v1/nothing-here"), "{msg}");
-    let a = get(&r, "/").await;
+    let a = get(&r, "/nothing-here").await;
     assert_error(&a, 404, "DRP-2001");
 
     let a = send(&r, req("PUT", "/drplane/v1/sites")).await;

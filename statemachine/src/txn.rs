@@ -19,6 +19,8 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 pub type KeyValues = Vec<KeyValue>;
 
 type OverlayKey = (&'static str, Vec<u8>);
+/// A staged key with its overlay value before (None: it was not staged).
+type Undo = (OverlayKey, Option<Option<Vec<u8>>>);
 
 /// The pending writes of one entry, with read-your-writes for point lookups.
 ///
@@ -29,7 +31,7 @@ pub struct Txn<'a> {
     db: &'a DB,
     overlay: HashMap<OverlayKey, Option<Vec<u8>>>,
     /// Since `begin`: each staged key with its overlay value before (None: not staged).
-    undo: Option<Vec<(OverlayKey, Option<Option<Vec<u8>>>)>>,
+    undo: Option<Vec<Undo>>,
 }
 
 impl<'a> Txn<'a> {
