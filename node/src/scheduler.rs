@@ -654,7 +654,7 @@ impl Scheduler {
         }
         let mut warnings = Vec::new();
         for chunk in hello.workloads.chunks(WORKLOADS_PER_COMMAND_MAX) {
-            let cmd = Command::Inventory(InventoryCommand::RegisterWorkloads {
+            let cmd = Command::Inventory(InventoryCommand::ReportWorkloads {
                 workloads: chunk.to_vec(),
             });
             match self.propose_one(lead, cmd).await {

@@ -561,6 +561,12 @@ pub enum InventoryCommand {
     },
     /// Drop `holder`'s reservation on a host (idempotent). -> `Outcome::Host`.
     Release { host: String, holder: String },
+    /// What an agent reports when it connects: workloads not yet known are created; a
+    /// known one keeps its record, because the control plane owns it from then on (its
+    /// status after a stop or a failover, its host after a migration): an agent restarting
+    /// with its old configuration must not undo them. -> `Outcome::Workloads` (the ones
+    /// created).
+    ReportWorkloads { workloads: Vec<Workload> },
 }
 
 impl InventoryCommand {
@@ -582,7 +588,8 @@ impl InventoryCommand {
             }
             InventoryCommand::MarkHostOffline { name, .. }
             | InventoryCommand::DeleteHost { name } => validate_host_name("name", name),
-            InventoryCommand::RegisterWorkloads { workloads } => {
+            InventoryCommand::RegisterWorkloads { workloads }
+            | InventoryCommand::ReportWorkloads { workloads } => {
                 if workloads.is_empty() || workloads.len() > WORKLOADS_PER_COMMAND_MAX {
                     return Err(CommandError::invalid(
                         "workloads",
@@ -634,6 +641,7 @@ impl InventoryCommand {
             InventoryCommand::MarkHostOffline { .. } => "mark_host_offline",
             InventoryCommand::DeleteHost { .. } => "delete_host",
             InventoryCommand::RegisterWorkloads { .. } => "register_workloads",
+            InventoryCommand::ReportWorkloads { .. } => "report_workloads",
             InventoryCommand::DeleteWorkload { .. } => "delete_workload",
             InventoryCommand::Reserve { .. } => "reserve_resources",
             InventoryCommand::Release { .. } => "release_resources",
@@ -843,6 +851,18 @@ pub(crate) fn apply(
         InventoryCommand::DeleteHost { name } => delete_host(txn, name),
         InventoryCommand::RegisterWorkloads { workloads } => {
             register_workloads(txn, workloads, now)
+        }
+        InventoryCommand::ReportWorkloads { workloads } => {
+            let mut new = Vec::new();
+            for w in workloads {
+                if load_workload(txn, w.kind(), w.id())?.is_none() {
+                    new.push(w.clone());
+                }
+            }
+            if new.is_empty() {
+                return Ok(Ok(Outcome::Workloads(Vec::new())));
+            }
+            register_workloads(txn, &new, now)
         }
         InventoryCommand::DeleteWorkload { kind, id } => delete_workload(txn, *kind, id),
         InventoryCommand::Reserve {
@@ -1212,6 +1232,27 @@ pub(crate) fn release_holder(txn: &mut Txn<'_>, holder: &str, now: u64) -> Resul
 /// The host record as apply sees it (for other modules' checks).
 pub(crate) fn host_txn(txn: &Txn<'_>, name: &str) -> Result<Option<Host>, StoreError> {
     txn.get_record(CF_HOSTS, name.as_bytes())
+}
+
+/// For the families' composite commands: creates or replaces database instance records,
+/// all or none, exactly as `RegisterWorkloads` does (hosts and pools checked first;
+/// allocations kept right).
+pub(crate) fn put_databases(
+    txn: &mut Txn<'_>,
+    dbs: &[DatabaseInstance],
+    now: u64,
+) -> Result<Result<(), CommandError>, StoreError> {
+    let workloads: Vec<Workload> = dbs.iter().cloned().map(Workload::Database).collect();
+    Ok(register_workloads(txn, &workloads, now)?.map(|_| ()))
+}
+
+/// For the families' composite commands: removes a database instance record, exactly as
+/// `DeleteWorkload` does.
+pub(crate) fn delete_database(
+    txn: &mut Txn<'_>,
+    id: &str,
+) -> Result<Result<(), CommandError>, StoreError> {
+    Ok(delete_workload(txn, WorkloadKind::Database, id)?.map(|_| ()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1693,6 +1734,38 @@ mod tests {
             }),
             Err(CommandError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn an_agents_report_creates_new_workloads_and_keeps_known_ones() {
+        let f = Fixture::new();
+        f.site("s1");
+        f.host("h1", "s1");
+        f.host("h2", "s1");
+        // The control plane moved vm-1 to h2 and stopped it.
+        let mut moved = server("vm-1", "h2", 2, 2048);
+        if let Workload::Server(s) = &mut moved {
+            s.status = ServerStatus::Shutoff;
+        }
+        register(&f, vec![moved]).expect("register");
+        // h1's agent restarts with its old configuration: vm-1 on h1 and running, and a
+        // new vm-2.
+        let r = f.inv(InventoryCommand::ReportWorkloads {
+            workloads: vec![server("vm-1", "h1", 2, 2048), server("vm-2", "h1", 1, 1024)],
+        });
+        match r {
+            Ok(Outcome::Workloads(created)) => {
+                let ids: Vec<&str> = created.iter().map(Workload::id).collect();
+                assert_eq!(ids, vec!["vm-2"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let vm1 = f.store.get_server("vm-1").expect("read").expect("vm-1");
+        assert_eq!(vm1.host, "h2");
+        assert_eq!(vm1.status, ServerStatus::Shutoff);
+        assert!(f.store.get_server("vm-2").expect("read").is_some());
+        let h1 = f.store.get_host("h1").expect("read").expect("h1");
+        assert_eq!(h1.allocated.vcpus, 1, "only vm-2 counts on h1");
     }
 
     #[test]
