@@ -329,6 +329,7 @@ fn openstack_fault_name(family: Family, status: StatusCode) -> &'static str {
         409 => "conflict",
         413 | 429 => "overLimit",
         415 => "badMediaType",
+        422 if family == Family::Trove => "unprocessableEntity",
         503 => "serviceUnavailable",
         _ if family == Family::Manila => "computeFault",
         _ => "instanceFault",
