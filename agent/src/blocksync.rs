@@ -695,7 +695,9 @@ pub(crate) async fn pull(
         }
     };
     let src_kind = manifest::kind_from_proto(header.kind)?;
-    if src_kind != kind {
+    // A disk and a database volume are both one image file: either may copy into the
+    // other (a database replica is made as a disk by CreateTarget). A share is a tree.
+    if src_kind.is_file() != kind.is_file() {
         return Err(DriverError::InvalidArgument(format!(
             "source {} is a {src_kind}, target {} a {kind}",
             req.source.volume, req.target

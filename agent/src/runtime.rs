@@ -1442,9 +1442,11 @@ mod tests {
             1,
             1,
         ));
+        // A sync pulls from the source's agent: without its address (the leader sends it
+        // in `peers`) the attempt fails, retryably, saying so.
         let (_, _, outcome) = s.result().await;
         assert!(
-            matches!(&outcome, TaskOutcome::Failed { retryable: false, reason } if reason.contains("not supported")),
+            matches!(&outcome, TaskOutcome::Failed { retryable: true, reason } if reason.contains("address of host 'h1'")),
             "{outcome:?}"
         );
         // Driver-backed kinds run through the driver.

@@ -476,7 +476,7 @@ impl Driver for SimDriver {
             if !t.fenced {
                 return Err(DriverError::TargetWritable(req.target.clone()));
             }
-            if t.kind != snap.kind {
+            if t.kind.is_file() != snap.kind.is_file() {
                 return Err(DriverError::InvalidArgument(format!(
                     "source is a {}, target a {}",
                     snap.kind, t.kind
