@@ -4,7 +4,7 @@
 //! commands before it in the same entry. Reads never see anything but the store and the
 //! overlay: `apply` stays deterministic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
@@ -29,7 +29,8 @@ type Undo = (OverlayKey, Option<Option<Vec<u8>>>);
 /// [`Txn::rollback`]. So a command may stage writes before it finds a reason to refuse.
 pub struct Txn<'a> {
     db: &'a DB,
-    overlay: HashMap<OverlayKey, Option<Vec<u8>>>,
+    /// Ordered, so prefix scans of the staged writes are range reads.
+    overlay: BTreeMap<OverlayKey, Option<Vec<u8>>>,
     /// Since `begin`: each staged key with its overlay value before (None: not staged).
     undo: Option<Vec<Undo>>,
 }
@@ -38,7 +39,7 @@ impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
         Txn {
             db,
-            overlay: HashMap::new(),
+            overlay: BTreeMap::new(),
             undo: None,
         }
     }
@@ -103,6 +104,17 @@ impl<'a> Txn<'a> {
 impl<'a> Txn<'a> {
     /// The staged writes as one batch (each key's last value; order between keys does
     /// not matter).
+    /// The staged writes of `cf` whose key starts with `prefix`, in key order.
+    fn staged_with_prefix<'s>(
+        &'s self,
+        cf: &'static str,
+        prefix: &'s [u8],
+    ) -> impl Iterator<Item = (&'s OverlayKey, &'s Option<Vec<u8>>)> + 's {
+        self.overlay
+            .range((cf, prefix.to_vec())..)
+            .take_while(move |((c, k), _)| *c == cf && k.starts_with(prefix))
+    }
+
     pub(crate) fn into_batch(self) -> Result<WriteBatch, StoreError> {
         let mut batch = WriteBatch::default();
         for ((cf, key), value) in self.overlay {
@@ -162,10 +174,8 @@ impl<'a> Txn<'a> {
             }
             merged.insert(k.to_vec(), Some(v.to_vec()));
         }
-        for ((c, k), v) in &self.overlay {
-            if *c == cf && k.starts_with(prefix) {
-                merged.insert(k.clone(), v.clone());
-            }
+        for ((_, k), v) in self.staged_with_prefix(cf, prefix) {
+            merged.insert(k.clone(), v.clone());
         }
         Ok(merged
             .into_iter()
@@ -184,10 +194,8 @@ impl<'a> Txn<'a> {
         limit: usize,
     ) -> Result<KeyValues, StoreError> {
         let mut staged: BTreeMap<&[u8], &Option<Vec<u8>>> = BTreeMap::new();
-        for ((c, k), v) in &self.overlay {
-            if *c == cf && k.starts_with(prefix) {
-                staged.insert(k.as_slice(), v);
-            }
+        for ((_, k), v) in self.staged_with_prefix(cf, prefix) {
+            staged.insert(k.as_slice(), v);
         }
         let mut staged = staged.into_iter().peekable();
         let mut out = Vec::new();
