@@ -40,6 +40,9 @@ pub enum BenchMode {
     /// The scheduler with many simulated agents and pairs, on a cluster this command
     /// starts (see `bench_scale.rs`).
     Scale(crate::bench_scale::ScaleArgs),
+    /// A Huawei SDRS group failover on simulated agents, split into control-plane and
+    /// agent time, on a cluster this command starts (see `bench_sdrs.rs`).
+    SdrsFailover(crate::bench_sdrs::SdrsFailoverArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchMode::Write(a) => run_write(a).await,
         BenchMode::Failover(a) => run_failover(a).await,
         BenchMode::Scale(a) => crate::bench_scale::run(a).await,
+        BenchMode::SdrsFailover(a) => crate::bench_sdrs::run(a).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod agent_cmd;
 mod agent_service;
 mod bench;
 mod bench_scale;
+mod bench_sdrs;
 mod cli;
 mod control;
 mod dev;
