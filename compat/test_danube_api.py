@@ -3,7 +3,11 @@ every DANUBE-* endpoint of ../shared/spec/danube.md, with and without ES-STREAM,
 error paths, on VMs of agents this suite starts (see danube_env.py).
 """
 
+import json
+import secrets
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -50,6 +54,7 @@ def test_login_token_and_logout(danube):
     assert not c.is_authenticated()
     bad = Client(api_url=danube.api).login(danube.user, "wrong")
     assert bad.status_code == 400
+    assert bad.version and bad.version != "???"
     with pytest.raises(ClientError) as e:
         Client(api_url=danube.api).get(f"/vm/{danube.vms['db'].hostname}/replica").content
     assert e.value.status_code in (401, 403)
@@ -311,3 +316,156 @@ def test_es_stream_without_status_line(danube):
     r = requests.put(f"{danube.url}/api/vm/{vm}/replica/nope/reinit/", headers=h, json={}, timeout=60)
     assert r.status_code == 404  # refused synchronously: no stream
     assert "es_stream" not in r.headers
+
+
+# ---- DANUBE-AUTH-LOGIN / -LOGOUT headers, `dc` in the data, task visibility, cb_url, and
+# ---- the reservations after a failover (these use VM "app", after the tests above) ----
+
+def test_login_and_logout_carry_the_danube_headers(danube):
+    """Every Danube reply carries es_version, es_username and es_dc (spec §1.4)."""
+    c = Client(api_url=danube.api)
+    r = c.login(danube.user, danube.password)
+    assert r.status_code == 200
+    assert r.version and r.version != "???"
+    assert r.dc == "main"
+    assert r._response.headers["es_username"] == danube.user
+    out = c.logout()
+    assert out.ok and out.content.result == {"detail": "Bye."}
+    assert out.version != "???" and out.dc == "main"
+    assert out._response.headers["es_username"] == danube.user
+    bad = Client(api_url=danube.api).login(danube.user, "wrong")
+    assert bad.status_code == 400 and bad.dc == "main" and bad.version != "???"
+
+
+def test_dc_in_the_request_data(danube):
+    """A `dc` parameter selects the virtual DC (upstream request_data): `main` works, an
+    unknown one is 404 "Datacenter not found" and changes nothing."""
+    c = client(danube)
+    vm = danube.vms["app"].hostname
+    assert c.get(f"/vm/{vm}/replica", dc="main").content.result == []
+    with pytest.raises(ClientError) as e:
+        c.get(f"/vm/{vm}/replica", dc="nodc").content
+    assert e.value.status_code == 404 and e.value.detail == "Datacenter not found"
+    with pytest.raises(ClientError) as e:
+        c.post(f"/vm/{vm}/replica/r1", node=danube.nodes[1], dc="nodc").content
+    assert e.value.status_code == 404 and e.value.detail == "Datacenter not found"
+    with pytest.raises(ClientError) as e:
+        c.get("/task", dc="nodc").content
+    assert e.value.status_code == 404
+    assert c.get(f"/vm/{vm}/replica").content.result == []
+    assert isinstance(c.get("/task", dc="main").content.result, list)
+
+
+def _second_member(danube):
+    """Another `member` of the world's project, with its ES-API-KEY."""
+    tag = danube.user[: -len("-op")]
+    name = f"{tag}-op2-{secrets.token_hex(2)}"
+    danube.admin.call(
+        "POST", "/drplane/v1/identity/users",
+        {"name": name, "password": secrets.token_urlsafe(16), "project": tag, "role": "member"},
+    )
+    return danube.admin.call("POST", "/drplane/v1/identity/api-keys", {"user": name})["key"]
+
+
+class _Hook:
+    """A local HTTP server recording the callbacks it receives."""
+
+    def __init__(self):
+        got = self.got = []
+
+        class H(BaseHTTPRequestHandler):
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                got.append((self.command, self.path, json.loads(body or b"null")))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = do_GET = do_DELETE = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, n, timeout=60):
+        wait_for(lambda: len(self.got) >= n, timeout, f"{n} callback(s)")
+        return self.got[n - 1]
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_tasks_callbacks_and_reservations_after_failover_then_delete(danube, cluster):  # noqa: F811
+    """DANUBE-TASK-*: a task is its user's and the admins' only (403 for another member,
+    406 to cancel). cb_url: the task-status body arrives when the task ends. Reservations:
+    after a failover the VM is counted on the node where it runs, the replica's reservation
+    follows the replica, and a delete right after the failover releases only that."""
+    c = client(danube)
+    other = client(danube, _second_member(danube))
+    _, admin_password = cluster
+    admin = Client(api_url=danube.api)
+    assert admin.login("admin", admin_password).status_code == 200
+    vm = danube.vms["app"]
+    path = f"/vm/{vm.hostname}/replica/dr2"
+    master_node, slave_node = danube.nodes
+    hook = _Hook()
+    try:
+        # DANUBE-REP-CREATE with a callback (default cb_method POST).
+        r = waited(c.post(path, node=slave_node, reserve_resources=True, cb_url=hook.url + "/created"))
+        assert r.status_code == 200, r.raw_content
+        task = r.content.task_id
+        method, where, body = hook.wait(1)
+        assert (method, where) == ("POST", "/created")
+        assert body["task_id"] == task and body["status"] == "SUCCESS"
+        assert body["result"]["message"] == "Server replica was successfully initialized"
+        assert len(body["random_token"]) == 32 and len(body["security_token"]) == 32
+
+        # Task visibility: the creator and an admin see it; another member gets 403.
+        assert c.get(f"/task/{task}/status", stream=False).status_code == 200
+        assert admin.get(f"/task/{task}/status", stream=False).status_code == 200
+        for p in (f"/task/{task}/status", f"/task/{task}/done"):
+            with pytest.raises(ClientError) as e:
+                other.get(p, stream=False).content
+            assert e.value.status_code == 403, p
+            assert e.value.detail == "You do not have permission to perform this action."
+        with pytest.raises(ClientError) as e:
+            other.put(f"/task/{task}/cancel", stream=False).content
+        assert e.value.status_code == 406
+        assert task not in other.get("/task").content.result
+
+        def danube_holds():
+            """This VM's Danube reservations: (node, holder, vcpus, ram_mb)."""
+            mine = (f"danube:{task}", f"danube-vm:{vm.id}")
+            out = []
+            for n in danube.nodes:
+                for x in danube.host(n)["reservations"]:
+                    if x["holder"] in mine:
+                        out.append((n, x["holder"], x["vcpus"], x["ram_mb"]))
+            return sorted(out)
+
+        assert danube_holds() == [(slave_node, f"danube:{task}", 1, 1024)]
+
+        # DANUBE-REP-FAILOVER: the VM is now on the slave node, counted there; the replica
+        # (the old master) is on the VM's registered node, counted by the inventory.
+        r = waited(c.put(path + "/failover", force=True))
+        assert r.status_code == 200, r.raw_content
+        assert c.get(f"/vm/{vm.hostname}/status").content.result["node"] == slave_node
+        assert danube_holds() == [(slave_node, f"danube-vm:{vm.id}", 1, 1024)]
+
+        # DANUBE-REP-DELETE right after the failover (no reinit), with a PUT callback.
+        r = waited(c.delete(path, cb_url=hook.url + "/deleted", cb_method="PUT"))
+        assert r.status_code == 200, r.raw_content
+        method, where, body = hook.wait(2)
+        assert (method, where) == ("PUT", "/deleted")
+        assert body["status"] == "SUCCESS"
+        assert body["result"]["message"] == "Server replica was successfully destroyed"
+        assert c.get(f"/vm/{vm.hostname}/replica").content.result == []
+        # The VM still runs where it failed over to: its charge stays, nothing else.
+        assert danube_holds() == [(slave_node, f"danube-vm:{vm.id}", 1, 1024)]
+        assert master_node != slave_node
+    finally:
+        hook.close()

@@ -4,7 +4,7 @@ create a replica of VM "web" (two disks), write into the master's disks, wait fo
 sync and find the data on the slave; `enabled=false` stops the syncs, `true` resumes them;
 fail over: the new master holds the data; change a few blocks on the new master and
 reinit: replication runs the other way and sends only the changed blocks; delete frees the
-slave's reserved resources.
+slave's reserved resources (the VM stays counted where it runs).
 """
 
 import os
@@ -136,5 +136,11 @@ def test_replicate_failover_reinit_delete_with_data(danube):
     assert c.get(f"/vm/{vm.hostname}/replica").content.result == []
     reserved = [x for x in danube.host(slave_node)["reservations"] if x["holder"].startswith("danube:")]
     assert reserved == []
+    # The VM itself still runs on slave_node (where it failed over to) and is counted there.
+    running = [x for x in danube.host(slave_node)["reservations"]
+               if x["holder"] == f"danube-vm:{vm.id}"]
+    assert [(x["vcpus"], x["ram_mb"]) for x in running] == [(2, 2048)]
+    assert not [x for x in danube.host(master_node)["reservations"]
+                if x["holder"].startswith("danube")]
     assert not os.path.exists(master_root)
     assert os.path.exists(slave_root)

@@ -21,12 +21,23 @@
 //!  DeleteReplica ─► per pair Delete{delete_target} ; SUCCESS: record and reservation gone
 //! ```
 //!
-//! Resources: "a replica takes the same resources as its master". The master's vCPUs/RAM
-//! are allocated on its registered host by the inventory; the replica reserves the same on
-//! its node under the holder `danube:<uid>` when `reserve_resources` (or at failover when
-//! not), released on delete. The target disks' bytes are reserved on the node's pools for
-//! the creation job (holder = the job id, released when it ends); afterwards the agent
-//! reports them as used space.
+//! Resources: "a replica takes the same resources as its master". The inventory allocates
+//! the VM's vCPUs/RAM on the host its agent registered it on (`Server::host`), whatever
+//! runs there. Danube's reservations make up the rest, so that every node carries what
+//! really uses it ([`settle_reservations`], after every change and at every task end):
+//! - the VM, when it runs on a node other than its registered host (after a failover):
+//!   holder `danube-vm:<vm id>` on that node;
+//! - each replica with `reserve_resources`, on the node holding it, unless that node is
+//!   the VM's registered host (the inventory's allocation already counts it there):
+//!   holder `danube:<uid>`; also without `reserve_resources` while a failover to it runs
+//!   (the room the promoted VM needs, checked when the failover starts).
+//!
+//! So after a failover the replica's reservation follows the replica to the old master's
+//! node and the running VM is charged where it runs; delete releases exactly the replica's
+//! holder. (A replica without `reserve_resources` on the registered host is still counted
+//! there by the inventory's allocation: the agent keeps reporting that VM.) The target
+//! disks' bytes are reserved on the node's pools for the creation job (holder = the job id,
+//! released when it ends); afterwards the agent reports them as used space.
 //!
 //! Where the VM runs after a failover is kept here ([`VmState`]), not in the inventory:
 //! the inventory server stays the agent's registration (an agent re-registers its
@@ -147,6 +158,11 @@ impl Replica {
 
 pub fn holder_of(uid: &str) -> String {
     format!("danube:{uid}")
+}
+
+/// The reservation holder of a VM running away from its registered host.
+pub fn vm_holder(vm_id: &str) -> String {
+    format!("danube-vm:{vm_id}")
 }
 
 /// Where and how a VM runs once a Danube failover moved it (absent before).
@@ -626,6 +642,109 @@ fn pair_bwlimit(b: Option<u64>) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Reservations
+// ---------------------------------------------------------------------------------------
+
+fn compute_of(vcpus: u32, ram_mb: u64) -> ResourceAmount {
+    ResourceAmount {
+        vcpus,
+        ram_mb,
+        pool_bytes: BTreeMap::new(),
+    }
+}
+
+/// The hosts where `holder` has a reservation (the inventory's `reservations_by_holder`
+/// index: `holder \0 host`).
+fn holder_hosts(txn: &Txn<'_>, holder: &str) -> Result<Vec<String>, StoreError> {
+    let mut prefix = holder.as_bytes().to_vec();
+    prefix.push(0);
+    Ok(txn
+        .scan_prefix(inventory::CF_RESERVATIONS_BY_HOLDER, &prefix)?
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+        .collect())
+}
+
+/// Makes `holder` hold exactly `want` (host, amount), or nothing: released elsewhere,
+/// placed or replaced there. Nothing is written when it already is so. The placement is
+/// not checked against capacity: what runs (or was admitted) must be counted.
+fn hold_exactly(
+    txn: &mut Txn<'_>,
+    holder: &str,
+    want: Option<(&str, &ResourceAmount)>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let hosts = holder_hosts(txn, holder)?;
+    if let Some((host, amount)) = want {
+        if hosts.len() == 1 && hosts[0] == host {
+            let same = inventory::host_txn(txn, host)?
+                .and_then(|h| h.reservations.get(holder).map(|r| &r.resources == amount))
+                .unwrap_or(false);
+            if same {
+                return Ok(());
+            }
+        }
+    } else if hosts.is_empty() {
+        return Ok(());
+    }
+    if hosts.iter().any(|h| Some(h.as_str()) != want.map(|w| w.0)) {
+        inventory::release_holder(txn, holder, now)?;
+    }
+    if let Some((host, amount)) = want {
+        if let Some(mut h) = inventory::host_txn(txn, host)? {
+            inventory::put_reservation(txn, &mut h, holder, amount, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the VM's Danube reservations to what runs and is held where (module doc): the VM
+/// on a node other than its registered host, each replica with `reserve_resources` (or
+/// with a failover to it running) on its node unless that is the registered host.
+pub(crate) fn settle_reservations(
+    txn: &mut Txn<'_>,
+    vm_id: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    let server: Option<Server> = txn.get_record(inventory::CF_SERVERS, vm_id.as_bytes())?;
+    let overlay: Option<VmState> = txn.get_record(CF_DANUBE, &vm_key(vm_id))?;
+    let registered = server.as_ref().map(|s| s.host.clone());
+    let running_away = match (&server, &overlay) {
+        (Some(s), Some(o)) if o.node != s.host => {
+            Some((o.node.clone(), compute_of(s.flavor.vcpus, s.flavor.ram_mb)))
+        }
+        _ => None,
+    };
+    hold_exactly(
+        txn,
+        &vm_holder(vm_id),
+        running_away.as_ref().map(|(n, a)| (n.as_str(), a)),
+        now,
+    )?;
+    let mut failing_over = Vec::new();
+    for job_id in has_pending(txn, vm_id)? {
+        if let Some(t) = txn.get_record::<DanubeTask>(CF_DANUBE, &task_key(&job_id))? {
+            if t.view == "vm_replica_failover" {
+                failing_over.push(t.repname);
+            }
+        }
+    }
+    for (_, v) in txn.scan_prefix(CF_DANUBE, &replica_prefix(vm_id))? {
+        let r: Replica = crate::codec::decode(&v)?;
+        let hold = (r.reserve_resources || failing_over.contains(&r.repname))
+            && registered.as_deref() != Some(r.node.as_str());
+        let amount = compute_of(r.vcpus, r.ram_mb);
+        hold_exactly(
+            txn,
+            &r.holder(),
+            hold.then_some((r.node.as_str(), &amount)),
+            now,
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // Apply
 // ---------------------------------------------------------------------------------------
 
@@ -861,12 +980,9 @@ fn create(txn: &mut Txn<'_>, c: &CreateReplica, now: u64) -> Applied {
         });
     }
     let holder = holder_of(uid);
-    let compute = ResourceAmount {
-        vcpus: m.server.flavor.vcpus,
-        ram_mb: m.server.flavor.ram_mb,
-        pool_bytes: BTreeMap::new(),
-    };
-    if c.reserve_resources {
+    let compute = compute_of(m.server.flavor.vcpus, m.server.flavor.ram_mb);
+    // On the VM's registered host the inventory's allocation already counts it.
+    if c.reserve_resources && c.node != m.server.host {
         if let Err(e) = inventory::check_reserve(txn, &c.node, &holder, &compute)? {
             return Ok(Err(as_node_error(e)));
         }
@@ -922,11 +1038,6 @@ fn create(txn: &mut Txn<'_>, c: &CreateReplica, now: u64) -> Applied {
     for p in staged_pairs {
         replication::insert_pair(txn, p, &job.id, now)?;
     }
-    if c.reserve_resources {
-        if let Ok(mut h) = inventory::check_reserve(txn, &c.node, &holder, &compute)? {
-            inventory::put_reservation(txn, &mut h, &holder, &compute, now)?;
-        }
-    }
     if let Ok(mut h) = inventory::check_reserve(txn, &c.node, uid, &storage)? {
         inventory::put_reservation(txn, &mut h, uid, &storage, now)?;
     }
@@ -965,6 +1076,7 @@ fn create(txn: &mut Txn<'_>, c: &CreateReplica, now: u64) -> Applied {
         &job,
         now,
     )?;
+    settle_reservations(txn, &c.vm_id, now)?;
     Ok(Ok(DanubeOutcome::Task(j)))
 }
 
@@ -1044,13 +1156,9 @@ fn update(
         return Ok(Err(conflict(ERR_REINIT_REQUIRED)));
     }
     let mut r = old.clone();
-    let compute = ResourceAmount {
-        vcpus: r.vcpus,
-        ram_mb: r.ram_mb,
-        pool_bytes: BTreeMap::new(),
-    };
+    let compute = compute_of(r.vcpus, r.ram_mb);
     let reserve_change = a.reserve_resources.filter(|v| *v != old.reserve_resources);
-    if reserve_change == Some(true) {
+    if reserve_change == Some(true) && r.node != m.server.host {
         if let Err(e) = inventory::check_reserve(txn, &r.node, &r.holder(), &compute)? {
             return Ok(Err(as_node_error(e)));
         }
@@ -1063,15 +1171,6 @@ fn update(
         }
     }
     // ---- writes ----
-    match reserve_change {
-        Some(true) => {
-            if let Ok(mut h) = inventory::check_reserve(txn, &r.node, &r.holder(), &compute)? {
-                inventory::put_reservation(txn, &mut h, &r.holder(), &compute, now)?;
-            }
-        }
-        Some(false) => inventory::release_holder(txn, &r.holder(), now)?,
-        None => {}
-    }
     if let Some(v) = a.reserve_resources {
         r.reserve_resources = v;
     }
@@ -1086,6 +1185,9 @@ fn update(
     }
     r.updated_ms = now;
     save_replica(txn, &r)?;
+    if reserve_change.is_some() {
+        settle_reservations(txn, vm_id, now)?;
+    }
     if only_reserve {
         return Ok(Ok(DanubeOutcome::Replica(r)));
     }
@@ -1233,12 +1335,10 @@ fn failover(
     if !node_online(txn, &r.node)? {
         return Ok(Err(conflict(ERR_NODE_NOT_OPERATIONAL)));
     }
-    let compute = ResourceAmount {
-        vcpus: r.vcpus,
-        ram_mb: r.ram_mb,
-        pool_bytes: BTreeMap::new(),
-    };
-    if !r.reserve_resources {
+    let compute = compute_of(r.vcpus, r.ram_mb);
+    // The promoted VM needs room on the replica's node: held already with
+    // `reserve_resources`, or by the inventory's allocation on the VM's registered host.
+    if !r.reserve_resources && r.node != m.server.host {
         if let Err(e) = inventory::check_reserve(txn, &r.node, &r.holder(), &compute)? {
             if matches!(e, CommandError::Conflict(_)) {
                 return Ok(Err(conflict(ERR_NOT_ENOUGH_RESOURCES)));
@@ -1309,11 +1409,6 @@ fn failover(
     if let Err(e) = begin_pairs(txn, &ops, &job.id, now)? {
         return Ok(Err(e));
     }
-    if !r.reserve_resources {
-        if let Ok(mut h) = inventory::check_reserve(txn, &r.node, &r.holder(), &compute)? {
-            inventory::put_reservation(txn, &mut h, &r.holder(), &compute, now)?;
-        }
-    }
     let j = start_task(
         txn,
         task,
@@ -1326,6 +1421,8 @@ fn failover(
         &job,
         now,
     )?;
+    // While the failover runs the replica's node holds the room (see settle_reservations).
+    settle_reservations(txn, vm_id, now)?;
     Ok(Ok(DanubeOutcome::Task(j)))
 }
 
@@ -1543,7 +1640,9 @@ pub(crate) fn on_job_end(txn: &mut Txn<'_>, job: &Job, now: u64) -> Result<(), S
         }
     };
     task.result = Some(result);
-    txn.put_record(CF_DANUBE, &task_key(&task.id), &task)
+    txn.put_record(CF_DANUBE, &task_key(&task.id), &task)?;
+    // Where the VM and its replicas are now decides what is reserved where.
+    settle_reservations(txn, &task.vm_id, now)
 }
 
 fn detail(repname: &str, msg: &str) -> String {
@@ -2040,12 +2139,183 @@ mod tests {
         for id in &r.pair_ids {
             assert!(fx.store.get_pair(id).expect("read").is_none());
         }
-        let h2 = fx.store.get_host("h2").expect("read").expect("h2");
-        assert!(h2.reservations.is_empty(), "{:?}", h2.reservations);
+        // The slave's reservation is gone; the VM still runs on h2 and is counted there.
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
         let t = fx.store.danube_task(&d.id).expect("read").expect("task");
         let res = t.result.expect("result");
         assert_eq!(res.message, "Server replica was successfully destroyed");
         assert_eq!(res.replica.expect("fields").enabled, None);
+    }
+
+    /// Every Danube reservation, as (host, holder, vCPUs, RAM), sorted.
+    fn held(fx: &Fixture) -> Vec<(String, String, u32, u64)> {
+        let mut out = Vec::new();
+        for h in fx.store.list_hosts().expect("hosts") {
+            for (holder, r) in &h.reservations {
+                if holder.starts_with("danube") {
+                    out.push((
+                        h.name.clone(),
+                        holder.clone(),
+                        r.resources.vcpus,
+                        r.resources.ram_mb,
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn free_vcpus(fx: &Fixture, host: &str) -> u32 {
+        fx.store
+            .get_host(host)
+            .expect("read")
+            .expect("host")
+            .available()
+            .vcpus
+    }
+
+    // Reservations follow the truth: after a failover the VM is counted where it runs and
+    // the replica's reservation follows the replica; a delete right after the failover
+    // (no reinit) releases only what the replica held.
+    #[test]
+    fn reservations_follow_failover_and_delete_releases_what_is_held() {
+        let fx = setup();
+        let (h1_free, h2_free) = (free_vcpus(&fx, "h1"), free_vcpus(&fx, "h2"));
+        let c = started(fx.apply(create_cmd("1e1d1-aaaaaaaa-0000-0000-0001", "h2", true)));
+        run_job(&fx, &c.id);
+        let uid = c.id.clone();
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), holder_of(&uid), 2, 2048)]
+        );
+        assert_eq!(free_vcpus(&fx, "h2"), h2_free - 2);
+        let f = started(fx.apply(op("failover", "1e1d1-aaaaaaaa-0000-0000-0002", false)));
+        assert_eq!(run_job(&fx, &f.id).status, JobStatus::Success);
+        // The VM runs on h2 now; the replica (the old master) is on h1, the VM's registered
+        // host, where the inventory's allocation counts it: one VM's worth on each node.
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
+        assert_eq!(free_vcpus(&fx, "h1"), h1_free);
+        assert_eq!(free_vcpus(&fx, "h2"), h2_free - 2);
+        // Delete right after the failover: the VM keeps its vCPUs on h2.
+        let d = started(fx.apply(op("delete", "1e1d1-aaaaaaaa-0000-0000-0003", false)));
+        assert_eq!(run_job(&fx, &d.id).status, JobStatus::Success);
+        assert!(replica(&fx).is_none());
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
+        assert_eq!(
+            free_vcpus(&fx, "h2"),
+            h2_free - 2,
+            "the running VM still counts"
+        );
+        // A new replica of the moved VM on h3 reserves there; failing over to it moves the
+        // VM's charge from h2 to h3 and the replica's reservation to h2.
+        let c2 = started(fx.apply(create_cmd("1e1d1-aaaaaaaa-0000-0000-0004", "h3", true)));
+        assert_eq!(run_job(&fx, &c2.id).status, JobStatus::Success);
+        assert_eq!(
+            held(&fx),
+            vec![
+                ("h2".to_string(), vm_holder("vm-1"), 2, 2048),
+                ("h3".to_string(), holder_of(&c2.id), 2, 2048),
+            ]
+        );
+        let f2 = started(fx.apply(op("failover", "1e1d1-aaaaaaaa-0000-0000-0005", true)));
+        assert_eq!(run_job(&fx, &f2.id).status, JobStatus::Success);
+        assert_eq!(
+            held(&fx),
+            vec![
+                ("h2".to_string(), holder_of(&c2.id), 2, 2048),
+                ("h3".to_string(), vm_holder("vm-1"), 2, 2048),
+            ]
+        );
+        let d2 = started(fx.apply(op("delete", "1e1d1-aaaaaaaa-0000-0000-0006", false)));
+        assert_eq!(run_job(&fx, &d2.id).status, JobStatus::Success);
+        assert_eq!(
+            held(&fx),
+            vec![("h3".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
+        assert_eq!(free_vcpus(&fx, "h2"), h2_free);
+    }
+
+    // Back to the registered host: nothing extra there; the replica reserves on its node
+    // only with reserve_resources.
+    #[test]
+    fn failover_back_and_without_reservation() {
+        let fx = setup();
+        let c = started(fx.apply(create_cmd("1e1d1-aaaaaaaa-0000-0000-0001", "h2", false)));
+        run_job(&fx, &c.id);
+        assert_eq!(held(&fx), vec![]);
+        let f = started(fx.apply(op("failover", "1e1d1-aaaaaaaa-0000-0000-0002", false)));
+        // The room for the promoted VM is held while the failover runs.
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), holder_of(&c.id), 2, 2048)]
+        );
+        assert_eq!(run_job(&fx, &f.id).status, JobStatus::Success);
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
+        let ri = started(fx.apply(op("reinit", "1e1d1-aaaaaaaa-0000-0000-0003", false)));
+        assert_eq!(run_job(&fx, &ri.id).status, JobStatus::Success);
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), vm_holder("vm-1"), 2, 2048)]
+        );
+        // Failover back to h1 (registered): the VM's charge on h2 ends; the replica on h2
+        // reserves nothing (reserve_resources=false).
+        let f2 = started(fx.apply(op("failover", "1e1d1-aaaaaaaa-0000-0000-0004", false)));
+        assert_eq!(run_job(&fx, &f2.id).status, JobStatus::Success);
+        let vm = fx.store.danube_vm_state("vm-1").expect("read").expect("vm");
+        assert_eq!(vm.node, "h1");
+        assert_eq!(held(&fx), vec![]);
+        // After a reinit, reserve_resources=true reserves on the replica's node (h2).
+        let ri2 = started(fx.apply(op("reinit", "1e1d1-aaaaaaaa-0000-0000-0005", false)));
+        assert_eq!(run_job(&fx, &ri2.id).status, JobStatus::Success);
+        fx.apply(Command::Danube(DanubeCommand::UpdateReplica {
+            task: info("1e1d1-aaaaaaaa-0000-0000-0006"),
+            project: P.into(),
+            vm_id: "vm-1".into(),
+            repname: "rep1".into(),
+            reserve_resources: Some(true),
+            sleep_time: None,
+            enabled: None,
+            bwlimit: None,
+        }))
+        .expect("update");
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), holder_of(&c.id), 2, 2048)]
+        );
+    }
+
+    // DANUBE-TASK-CANCEL of a failover: the room held for it is released, nothing moves.
+    #[test]
+    fn revoked_failover_releases_the_room_it_held() {
+        let fx = setup();
+        let c = started(fx.apply(create_cmd("1e1d1-aaaaaaaa-0000-0000-0001", "h2", false)));
+        run_job(&fx, &c.id);
+        let f = started(fx.apply(op("failover", "1e1d1-aaaaaaaa-0000-0000-0002", false)));
+        assert_eq!(
+            held(&fx),
+            vec![("h2".to_string(), holder_of(&c.id), 2, 2048)]
+        );
+        fx.jobs(JobsCommand::CancelJob {
+            job_id: f.id.clone(),
+            by: "user 'olga'".into(),
+        })
+        .expect("cancel");
+        assert_eq!(held(&fx), vec![]);
+        assert!(fx.store.danube_vm_state("vm-1").expect("read").is_none());
+        assert!(!replica(&fx).expect("replica").reinit_required);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! - `GET /api/accounts/logout/`: revokes the token the request carries; 200 `{"detail":"Bye."}`.
 //!
 //! The token is scoped to the user's default project (or its only project).
+//!
+//! Like every Danube reply, these carry `es_version`, `es_username` and `es_dc` (spec
+//! §1.4): after a login the user who logged in and the user's DC (`main`), at logout the
+//! caller; a refused login has no user yet (`es_username` empty, as upstream's anonymous
+//! user).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,6 +27,7 @@ use serde_json::{json, Value};
 use super::keystone::login_failure;
 use super::tokens::{self, Scope, UserRef};
 use super::{failure_response, AuthFailure, AuthMethod, Caller, Family};
+use crate::families::danube::{with_headers, Ctx, DEFAULT_DC};
 use crate::routes::AppState;
 use crate::time::format_rfc3339_ms;
 
@@ -31,6 +37,17 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/accounts/login", post(login))
         .route("/api/accounts/logout/", get(logout))
         .route("/api/accounts/logout", get(logout))
+}
+
+/// Danube's reply headers for `username` in the default DC.
+fn danube_headers(resp: Response, username: &str) -> Response {
+    with_headers(
+        resp,
+        &Ctx {
+            username: username.to_string(),
+            dc: DEFAULT_DC.to_string(),
+        },
+    )
 }
 
 fn bad_request(message: &str) -> Response {
@@ -98,7 +115,7 @@ fn credentials(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), &'s
 async fn login(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (username, password) = match credentials(&headers, &body) {
         Ok(c) => c,
-        Err(msg) => return bad_request(msg),
+        Err(msg) => return danube_headers(bad_request(msg), ""),
     };
     let user = UserRef::Name(username.clone());
     let issued = match tokens::password_login(
@@ -113,15 +130,16 @@ async fn login(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> R
     .await
     {
         Ok(i) => i,
-        Err(e) => return login_failure(Family::Danube, &username, e),
+        Err(e) => return danube_headers(login_failure(Family::Danube, &username, e), ""),
     };
     tracing::info!(user = %issued.user.name, project = %issued.project.name, token_id = %super::short_id(&issued.record.id), "danube token issued");
-    Json(json!({
+    let resp = Json(json!({
         "token": issued.token,
         "expires": format_rfc3339_ms(issued.record.expires_at_ms),
         "detail": "Welcome to Danube Cloud API.",
     }))
-    .into_response()
+    .into_response();
+    danube_headers(resp, &issued.user.name)
 }
 
 async fn logout(State(st): State<AppState>, caller: Caller) -> Response {
@@ -141,11 +159,17 @@ async fn logout(State(st): State<AppState>, caller: Caller) -> Response {
                 tracing::info!(caller = %caller.describe(), "danube token revoked at logout")
             }
             Err(e) => {
-                return failure_response(Family::Danube, &AuthFailure::from_api_error(&e.into()))
+                return danube_headers(
+                    failure_response(Family::Danube, &AuthFailure::from_api_error(&e.into())),
+                    &caller.user_name,
+                )
             }
         }
     }
-    Json(json!({"detail": "Bye."})).into_response()
+    danube_headers(
+        Json(json!({"detail": "Bye."})).into_response(),
+        &caller.user_name,
+    )
 }
 
 #[cfg(test)]

@@ -17,10 +17,18 @@
 //! that may change the project (`member` or `admin`); a `reader` gets 403 "You do not have
 //! permission to perform this action." (the authentication middleware answers that).
 //!
+//! DC: `/api/dc/{dc}/…` or a `dc` in the request data (the data wins) selects the virtual
+//! datacenter; the one DC is `main` (the caller's project name or id are accepted as
+//! aliases); any other is a 404 `Datacenter not found` ([`select_dc`]).
+//!
+//! Asynchronous calls accept `cb_url`/`cb_method`: the task-status body is sent there when
+//! the task ends (module [`callback`], best effort).
+//!
 //! Every answer carries `es_version`, `es_username`, `es_dc`; task-style answers also
 //! `es_task_id`, and answers about a real task `es_task_response: true` (header names with
 //! underscores, as upstream sends them and the client reads them).
 
+mod callback;
 mod task;
 
 use std::collections::BTreeMap;
@@ -294,9 +302,44 @@ fn url_param_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
-/// The `dc` path segment: the one DC, or the caller's project by name or id.
+/// A DC name the caller may use: the one DC, or the caller's project by name or id.
 fn dc_ok(dc: &str, caller: &Caller) -> bool {
     dc == DEFAULT_DC || dc == caller.project_name || dc == caller.project_id
+}
+
+/// Upstream's `ObjectNotFound(model=Dc)`.
+pub(crate) const ERR_DC_NOT_FOUND: &str = "Datacenter not found";
+/// Danube's 403 (spec §1.7).
+pub(crate) const ERR_PERMISSION_DENIED: &str = "You do not have permission to perform this action.";
+
+/// The DC a DC-bound call works in (spec §1.1, upstream `request_data`): a `dc` in the
+/// request data wins over the `/api/dc/{dc}/` path segment; neither means the caller's
+/// current DC (`main`). An empty or null `dc` is no choice. An unknown DC, or one the
+/// caller may not use, is refused with Danube's 404 `Datacenter not found`.
+pub(crate) fn select_dc(
+    caller: &Caller,
+    path_dc: Option<&str>,
+    data: &Map<String, Value>,
+) -> Result<Ctx, Box<Response>> {
+    let data_dc = match data.get("dc") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    let chosen = data_dc.as_deref().or(path_dc);
+    match chosen {
+        Some(dc) if !dc_ok(dc, caller) => {
+            tracing::info!(dc = %dc, caller = %caller.describe(), "danube: unknown datacenter");
+            // The caller's current DC names the answer, not the refused one.
+            Err(Box::new(detail(
+                StatusCode::NOT_FOUND,
+                ERR_DC_NOT_FOUND,
+                &Ctx::of(caller, None),
+            )))
+        }
+        _ => Ok(Ctx::of(caller, chosen)),
+    }
 }
 
 fn path_parts(p: &BTreeMap<String, String>) -> (Option<&str>, &str, Option<&str>) {
@@ -335,19 +378,15 @@ async fn find_vm(st: &AppState, caller: &Caller, key: &str) -> Result<Option<Ser
     .await
 }
 
-/// Common start of a VM-bound call: DC, path patterns, a fresh read, the VM.
+/// Common start of a VM-bound call: DC (path or data), path patterns, a fresh read, the VM.
 async fn vm_call(
     st: &AppState,
     caller: &Caller,
     params: &BTreeMap<String, String>,
+    data: &Map<String, Value>,
 ) -> Result<(Ctx, Server), Response> {
     let (dc, vm, rep) = path_parts(params);
-    let ctx = Ctx::of(caller, dc);
-    if let Some(dc) = dc {
-        if !dc_ok(dc, caller) {
-            return Err(detail(StatusCode::NOT_FOUND, "Datacenter not found", &ctx));
-        }
-    }
+    let ctx = select_dc(caller, dc, data).map_err(|r| *r)?;
     if !url_param_ok(vm) || rep.is_some_and(|r| !url_param_ok(r)) {
         return Err(detail(StatusCode::NOT_FOUND, "Not found.", &ctx));
     }
@@ -599,16 +638,17 @@ async fn replica_list(
     Path(params): Path<BTreeMap<String, String>>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let (ctx, server) = match vm_call(&st, &caller, &params).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let path_ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
     if method != Method::GET && method != Method::HEAD {
-        return method_not_allowed(&method, &ctx);
+        return method_not_allowed(&method, &path_ctx);
     }
     let data = match request_data(&method, query.as_deref(), b"") {
         Ok(d) => d,
-        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &ctx),
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &path_ctx),
+    };
+    let (ctx, server) = match vm_call(&st, &caller, &params, &data).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let mut f = Fields::default();
     let full = f.boolean(&data, "full").unwrap_or(false);
@@ -644,15 +684,16 @@ async fn replica(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let (ctx, server) = match vm_call(&st, &caller, &params).await {
+    let path_ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
+    let data = match request_data(&method, query.as_deref(), &body) {
+        Ok(d) => d,
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &path_ctx),
+    };
+    let (ctx, server) = match vm_call(&st, &caller, &params, &data).await {
         Ok(x) => x,
         Err(r) => return r,
     };
     let repname = params.get("rep").cloned().unwrap_or_default();
-    let data = match request_data(&method, query.as_deref(), &body) {
-        Ok(d) => d,
-        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &ctx),
-    };
     match method {
         Method::GET | Method::HEAD => {
             let store = st.cp.store().clone();
@@ -679,7 +720,7 @@ async fn replica(
                 vm_id: server.id.clone(),
                 repname: repname.clone(),
             };
-            run_task(&st, &caller, &ctx, &headers, cmd).await
+            run_task(&st, &caller, &ctx, &headers, cmd, &data).await
         }
         other => method_not_allowed(&other, &ctx),
     }
@@ -773,7 +814,7 @@ async fn create(
         enabled,
         bwlimit,
     }));
-    run_task(st, caller, ctx, headers, cmd).await
+    run_task(st, caller, ctx, headers, cmd, data).await
 }
 
 async fn update(
@@ -816,7 +857,7 @@ async fn update(
         enabled,
         bwlimit,
     };
-    run_task(st, caller, ctx, headers, cmd).await
+    run_task(st, caller, ctx, headers, cmd, data).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -831,16 +872,17 @@ async fn replica_failover(
     Path(params): Path<BTreeMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let (ctx, server) = match vm_call(&st, &caller, &params).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let path_ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
     if method != Method::PUT {
-        return method_not_allowed(&method, &ctx);
+        return method_not_allowed(&method, &path_ctx);
     }
     let data = match request_data(&method, None, &body) {
         Ok(d) => d,
-        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &ctx),
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &path_ctx),
+    };
+    let (ctx, server) = match vm_call(&st, &caller, &params, &data).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let mut f = Fields::default();
     let force = f.boolean(&data, "force").unwrap_or(false);
@@ -859,7 +901,7 @@ async fn replica_failover(
         repname,
         force,
     };
-    run_task(&st, &caller, &ctx, &headers, cmd).await
+    run_task(&st, &caller, &ctx, &headers, cmd, &data).await
 }
 
 async fn replica_reinit(
@@ -870,16 +912,17 @@ async fn replica_reinit(
     Path(params): Path<BTreeMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let (ctx, server) = match vm_call(&st, &caller, &params).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let path_ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
     if method != Method::PUT {
-        return method_not_allowed(&method, &ctx);
+        return method_not_allowed(&method, &path_ctx);
     }
     let data = match request_data(&method, None, &body) {
         Ok(d) => d,
-        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &ctx),
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &path_ctx),
+    };
+    let (ctx, server) = match vm_call(&st, &caller, &params, &data).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let repname = params.get("rep").cloned().unwrap_or_default();
     if model::validate_repname(&repname).is_err() {
@@ -892,7 +935,7 @@ async fn replica_reinit(
         vm_id: server.id.clone(),
         repname,
     };
-    run_task(&st, &caller, &ctx, &headers, cmd).await
+    run_task(&st, &caller, &ctx, &headers, cmd, &data).await
 }
 
 /// Proposes a command that starts a task; answers 201 PENDING (streamed with ES-STREAM),
@@ -903,6 +946,7 @@ async fn run_task(
     ctx: &Ctx,
     headers: &HeaderMap,
     cmd: DanubeCommand,
+    data: &Map<String, Value>,
 ) -> Response {
     let kind = cmd.kind();
     let (vm, rep) = match &cmd {
@@ -924,6 +968,7 @@ async fn run_task(
         Ok(Ok(Outcome::Danube(o))) => match *o {
             DanubeOutcome::Task(job) => {
                 tracing::info!(job_id = %job.id, status = job.status.as_str(), "danube task started");
+                callback::watch(st.cp.store(), &job.id, data);
                 task::pending_answer(st, headers, &job.id, ctx)
             }
             DanubeOutcome::Replica(r) => {
@@ -959,14 +1004,20 @@ async fn vm_status(
     caller: Caller,
     method: Method,
     Path(params): Path<BTreeMap<String, String>>,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    let (ctx, server) = match vm_call(&st, &caller, &params).await {
+    let path_ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed(&method, &path_ctx);
+    }
+    let data = match request_data(&method, query.as_deref(), b"") {
+        Ok(d) => d,
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &path_ctx),
+    };
+    let (ctx, server) = match vm_call(&st, &caller, &params, &data).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if method != Method::GET && method != Method::HEAD {
-        return method_not_allowed(&method, &ctx);
-    }
     let store = st.cp.store().clone();
     let vm_id = server.id.clone();
     let read = blocking("danube vm status", move || {

@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use drplane_statemachine::command::Outcome;
@@ -106,7 +106,7 @@ fn result_view(r: &TaskResult, hostname: &str) -> Value {
 }
 
 /// The task-status body (`status`, `result`) of a job and its Danube record.
-fn status_body(job: &Job, meta: Option<&DanubeTask>) -> (&'static str, Value) {
+pub(super) fn status_body(job: &Job, meta: Option<&DanubeTask>) -> (&'static str, Value) {
     let state = danube_state(job);
     let result = match state {
         "PENDING" | "STARTED" => Value::Null,
@@ -261,12 +261,40 @@ pub(crate) fn pending_answer(
 // Endpoints
 // ---------------------------------------------------------------------------------------
 
-/// The job and its Danube record, if the caller may see it.
+/// What the caller may know of a task id.
+enum Seen {
+    /// No such task, or one of another project (which cannot be told from a missing one).
+    Missing,
+    /// A task of the caller's project that is neither the caller's nor may an admin see.
+    Forbidden,
+    Visible(Box<(Job, Option<DanubeTask>)>),
+}
+
+/// Upstream's `IsUserTask` (spec DANUBE-TASK-STATUS): a task is shown to the user who
+/// created it and to an admin; anyone else gets 403. (Upstream also shows it to the owner
+/// of the task's object; drplane's VMs belong to projects, not users, so there is no such
+/// owner.) A job made by another family has no Danube user: only an admin sees it here.
+fn task_visibility(caller: &Caller, job: Option<Job>, meta: Option<DanubeTask>) -> Seen {
+    let Some(job) = job else {
+        return Seen::Missing;
+    };
+    if !caller.can_see(&job.project) {
+        return Seen::Missing;
+    }
+    let mine = meta.as_ref().is_some_and(|m| m.user_id == caller.user_id);
+    if mine || caller.is_admin() {
+        Seen::Visible(Box::new((job, meta)))
+    } else {
+        Seen::Forbidden
+    }
+}
+
+/// The job and its Danube record, as far as the caller may see it.
 async fn visible_task(
     st: &AppState,
     caller: &Caller,
     id: &str,
-) -> Result<Option<(Job, Option<DanubeTask>)>, crate::error::ApiError> {
+) -> Result<Seen, crate::error::ApiError> {
     read_barrier(st, ReadQuery::default()).await?;
     let store = st.cp.store().clone();
     let i = id.to_string();
@@ -274,9 +302,20 @@ async fn visible_task(
         Ok((store.get_job(&i)?, store.danube_task(&i)?))
     })
     .await?;
-    Ok(job
-        .filter(|j| caller.can_see(&j.project))
-        .map(|j| (j, meta)))
+    let seen = task_visibility(caller, job, meta);
+    if matches!(seen, Seen::Forbidden) {
+        tracing::info!(task_id = %id, caller = %caller.describe(), "danube task of another user refused");
+    }
+    Ok(seen)
+}
+
+fn forbidden(ctx: &Ctx) -> Response {
+    detail(StatusCode::FORBIDDEN, super::ERR_PERMISSION_DENIED, ctx)
+}
+
+/// The caller's DC for the task calls (a `dc` in the data is checked like elsewhere).
+fn task_ctx(caller: &Caller, data: &Map<String, Value>) -> Result<Ctx, Box<Response>> {
+    super::select_dc(caller, None, data)
 }
 
 fn ctx_of(caller: &Caller) -> Ctx {
@@ -289,18 +328,36 @@ pub(crate) async fn status(
     caller: Caller,
     method: Method,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let ctx = ctx_of(&caller);
     if method != Method::GET && method != Method::HEAD {
         return super::method_not_allowed(&method, &ctx);
     }
+    let ctx = match query_ctx(&caller, &method, query.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     if !task_id_ok(&id) || is_dummy(&id) {
         return detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx);
     }
     match visible_task(&st, &caller, &id).await {
-        Ok(Some((job, meta))) => status_answer(&job, meta.as_ref(), &ctx),
-        Ok(None) => detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx),
+        Ok(Seen::Visible(v)) => status_answer(&v.0, v.1.as_ref(), &ctx),
+        Ok(Seen::Forbidden) => forbidden(&ctx),
+        Ok(Seen::Missing) => detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx),
         Err(e) => api_error(e, &ctx),
+    }
+}
+
+/// The DC of a GET task call from its query string.
+fn query_ctx(caller: &Caller, method: &Method, query: Option<&str>) -> Result<Ctx, Box<Response>> {
+    match request_data(method, query, b"") {
+        Ok(d) => task_ctx(caller, &d),
+        Err(m) => Err(Box::new(detail(
+            StatusCode::BAD_REQUEST,
+            &m,
+            &ctx_of(caller),
+        ))),
     }
 }
 
@@ -310,16 +367,23 @@ pub(crate) async fn done(
     caller: Caller,
     method: Method,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let ctx = ctx_of(&caller);
     if method != Method::GET && method != Method::HEAD {
         return super::method_not_allowed(&method, &ctx);
     }
+    let ctx = match query_ctx(&caller, &method, query.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     if !task_id_ok(&id) || is_dummy(&id) {
         return detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx);
     }
     match visible_task(&st, &caller, &id).await {
-        Ok(Some((job, _))) => {
+        Ok(Seen::Forbidden) => forbidden(&ctx),
+        Ok(Seen::Visible(v)) => {
+            let job = v.0;
             let state = danube_state(&job);
             let body = json!({"task_id": job.id, "done": job.status == JobStatus::Success});
             let mut resp =
@@ -329,7 +393,7 @@ pub(crate) async fn done(
             }
             resp
         }
-        Ok(None) => detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx),
+        Ok(Seen::Missing) => detail(StatusCode::NOT_FOUND, NOT_EXIST_ANYMORE, &ctx),
         Err(e) => api_error(e, &ctx),
     }
 }
@@ -341,16 +405,20 @@ pub(crate) async fn list(
     caller: Caller,
     method: Method,
     Path(params): Path<BTreeMap<String, String>>,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    let ctx = Ctx::of(&caller, params.get("dc").map(String::as_str));
-    if let Some(dc) = params.get("dc") {
-        if !super::dc_ok(dc, &caller) {
-            return detail(StatusCode::NOT_FOUND, "Datacenter not found", &ctx);
-        }
-    }
+    let path_dc = params.get("dc").map(String::as_str);
     if method != Method::GET && method != Method::HEAD {
-        return super::method_not_allowed(&method, &ctx);
+        return super::method_not_allowed(&method, &Ctx::of(&caller, path_dc));
     }
+    let data = match request_data(&method, query.as_deref(), b"") {
+        Ok(d) => d,
+        Err(m) => return detail(StatusCode::BAD_REQUEST, &m, &Ctx::of(&caller, path_dc)),
+    };
+    let ctx = match super::select_dc(&caller, path_dc, &data) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     if let Err(e) = read_barrier(&st, ReadQuery::default()).await {
         return api_error(e, &ctx);
     }
@@ -380,7 +448,14 @@ pub(crate) async fn detail_view(st: &AppState, caller: &Caller, id: &str, ctx: &
         return detail(StatusCode::NOT_FOUND, NOT_EXIST, ctx);
     }
     match visible_task(st, caller, id).await {
-        Ok(Some((job, Some(meta)))) if !job.status.is_terminal() => {
+        Ok(Seen::Forbidden) => forbidden(ctx),
+        Ok(Seen::Visible(v)) => {
+            let (job, Some(meta)) = *v else {
+                return detail(StatusCode::NOT_FOUND, NOT_EXIST, ctx);
+            };
+            if job.status.is_terminal() {
+                return detail(StatusCode::NOT_FOUND, NOT_EXIST, ctx);
+            }
             let mut m: Map<String, Value> =
                 serde_json::from_str(&meta.params_json).unwrap_or_default();
             m.insert("view".into(), json!(meta.view));
@@ -404,11 +479,16 @@ pub(crate) async fn show(
     caller: Caller,
     method: Method,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let ctx = ctx_of(&caller);
     if method != Method::GET && method != Method::HEAD {
         return super::method_not_allowed(&method, &ctx);
     }
+    let ctx = match query_ctx(&caller, &method, query.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     detail_view(&st, &caller, &id, &ctx).await
 }
 
@@ -429,6 +509,10 @@ pub(crate) async fn cancel(
         Ok(d) => d,
         Err(m) => return super::detail(StatusCode::BAD_REQUEST, &m, &ctx),
     };
+    let ctx = match task_ctx(&caller, &data) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let mut f = super::Fields::default();
     let force = f.boolean(&data, "force").unwrap_or(false);
     if !f.errors.is_empty() {
@@ -437,8 +521,13 @@ pub(crate) async fn cancel(
     if !task_id_ok(&id) || is_dummy(&id) {
         return super::detail(StatusCode::NOT_ACCEPTABLE, CANNOT_CANCEL, &ctx);
     }
+    // Only the task's creator (or an admin) may revoke it; anything else is "not
+    // cancellable" (spec DANUBE-TASK-CANCEL: 406).
     let (job, meta) = match visible_task(&st, &caller, &id).await {
-        Ok(Some((j, Some(m)))) => (j, m),
+        Ok(Seen::Visible(v)) => match *v {
+            (j, Some(m)) => (j, m),
+            (_, None) => return super::detail(StatusCode::NOT_ACCEPTABLE, CANNOT_CANCEL, &ctx),
+        },
         Ok(_) => return super::detail(StatusCode::NOT_ACCEPTABLE, CANNOT_CANCEL, &ctx),
         Err(e) => return api_error(e, &ctx),
     };
