@@ -19,8 +19,25 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
-/// The `drplane` binary: `$DRPLANE_BIN`, or the one cargo built next to this test binary.
+pub mod chaos;
+pub mod history;
+pub mod linearizability;
+pub mod net;
+pub mod workload;
+
+/// The `drplane` binary: `$DRPLANE_BIN`, or the one cargo built next to this test binary,
+/// pinned for the life of this process (see [`pin_binary`]).
 pub fn drplane_bin() -> anyhow::Result<PathBuf> {
+    static PINNED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = PINNED.get() {
+        return Ok(p.clone());
+    }
+    let bin = locate_drplane_bin()?;
+    let pinned = pin_binary(&bin).unwrap_or(bin);
+    Ok(PINNED.get_or_init(|| pinned).clone())
+}
+
+fn locate_drplane_bin() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("DRPLANE_BIN") {
         return Ok(PathBuf::from(p));
     }
@@ -38,6 +55,32 @@ pub fn drplane_bin() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// A link (or copy) of `bin` private to this process, `<tmp>/drplane-pinned/<pid>-drplane`,
+/// so that a rebuild of the shared target directory during a long test does not swap the
+/// binary under the nodes it restarts. Links of processes that are gone are removed.
+pub fn pin_binary(bin: &Path) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join("drplane-pinned");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    let pinned = dir.join(format!("{}-drplane", std::process::id()));
+    let _ = std::fs::remove_file(&pinned);
+    if std::fs::hard_link(bin, &pinned).is_err() {
+        std::fs::copy(bin, &pinned)
+            .with_context(|| format!("copying {} to {}", bin.display(), pinned.display()))?;
+    }
+    Ok(pinned)
 }
 
 /// The password of user `admin` in every test cluster (the servers'
@@ -78,6 +121,8 @@ pub struct NodeSpec {
     pub extra_args: Vec<String>,
     /// TLS files given to the node (`--tls-cert/--tls-key/--tls-ca`); None for plain HTTP.
     pub tls: Option<NodeTls>,
+    /// The network namespace it runs in ([`Cluster::start_in_net`]); None: the host's.
+    pub netns: Option<String>,
 }
 
 impl NodeSpec {
@@ -118,6 +163,13 @@ pub struct Cluster {
     pub token: Option<String>,
     /// Agent processes by host name ([`Cluster::spawn_agent`]).
     pub agents: BTreeMap<String, AgentProc>,
+    /// The private network of a cluster made by [`Cluster::start_in_net`]: every node in
+    /// its own namespace, links that can be cut.
+    pub net: Option<net::Net>,
+    /// Nodes whose data directory is a small tmpfs of this many MiB (made when the node is
+    /// spawned; see [`Cluster::fill_disk`]).
+    pub small_disks: BTreeMap<u64, u64>,
+    mounts: Vec<PathBuf>,
 }
 
 /// The answer of a Keystone login: a [`Reply`] plus the `X-Subject-Token` header.
@@ -159,7 +211,72 @@ impl Cluster {
             pki: None,
             token: None,
             agents: BTreeMap::new(),
+            net: None,
+            small_disks: BTreeMap::new(),
+            mounts: Vec::new(),
         })
+    }
+
+    /// [`Cluster::start`] with every node in its own network namespace on a private
+    /// bridge (see [`net`]), so that links between nodes can be cut; nodes listed in
+    /// `small_disks` (id, MiB) keep their data on a tmpfs of that size. Needs root.
+    pub async fn start_in_net(
+        sites: &[&str],
+        extra_args: &[&str],
+        small_disks: &[(u64, u64)],
+    ) -> anyhow::Result<Cluster> {
+        let mut c = Cluster::empty(extra_args)?;
+        c.net = Some(net::Net::new()?);
+        c.small_disks = small_disks.iter().copied().collect();
+        c.bootstrap(sites).await?;
+        Ok(c)
+    }
+
+    /// The ballast file that fills a small disk.
+    fn ballast(&self, id: u64) -> anyhow::Result<PathBuf> {
+        if !self.small_disks.contains_key(&id) {
+            bail!("node {id} has no small disk");
+        }
+        Ok(self.spec(id)?.data.join("ballast"))
+    }
+
+    /// Fill node `id`'s small disk to the last byte (a ballast file written until ENOSPC);
+    /// returns the bytes written.
+    pub fn fill_disk(&self, id: u64) -> anyhow::Result<u64> {
+        use std::io::Write;
+        let path = self.ballast(id)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let chunk = vec![0xa5u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(e).context(format!("filling {}", path.display())),
+            }
+        }
+        // Whatever fits in the last partial page.
+        for size in [4096usize, 512, 1] {
+            while f.write(&chunk[..size]).map(|n| n > 0).unwrap_or(false) {
+                written += size as u64;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Remove the ballast of [`Cluster::fill_disk`].
+    pub fn free_disk(&self, id: u64) -> anyhow::Result<()> {
+        let path = self.ballast(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context(format!("removing {}", path.display())),
+        }
     }
 
     /// A client for this cluster's nodes (trusting the cluster CA in a TLS cluster) that
@@ -298,6 +415,19 @@ impl Cluster {
         c.login_admin(1).await?;
         for id in c.ids().into_iter().skip(1) {
             c.add_member(1, id).await?;
+        }
+        // Promote so that no site ever holds a majority of the voters (the cluster refuses
+        // that): each time, a learner of the site with the fewest voters.
+        let site_of = |id: u64| sites[id as usize - 1];
+        let mut voters: Vec<u64> = vec![1];
+        let mut learners: Vec<u64> = c.ids().into_iter().skip(1).collect();
+        while !learners.is_empty() {
+            let count = |site: &str| voters.iter().filter(|v| site_of(**v) == site).count();
+            let pos = (0..learners.len())
+                .min_by_key(|i| (count(site_of(learners[*i])), learners[*i]))
+                .unwrap_or(0);
+            let id = learners.remove(pos);
+            voters.push(id);
             let r = c
                 .post(
                     1,
@@ -352,15 +482,42 @@ impl Cluster {
         tls: Option<NodeTls>,
     ) -> anyhow::Result<()> {
         let data = self.dir.path().join(format!("node-{id}"));
+        let (http, raft, netns) = match &mut self.net {
+            Some(net) => {
+                let ns = net.add_node(id)?;
+                let ip = net.ip(id);
+                (format!("{ip}:8080"), format!("{ip}:7070"), Some(ns))
+            }
+            None => (
+                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", free_port()?),
+                None,
+            ),
+        };
+        if let Some(mib) = self.small_disks.get(&id).copied() {
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("creating {}", data.display()))?;
+            let size = format!("size={mib}m");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+                .arg(&data)
+                .status()
+                .context("running mount")?;
+            if !status.success() {
+                bail!("mounting a {mib} MiB tmpfs on {} failed", data.display());
+            }
+            self.mounts.push(data.clone());
+        }
         let spec = NodeSpec {
             id,
             site: site.to_string(),
-            http: format!("127.0.0.1:{}", free_port()?),
-            raft: format!("127.0.0.1:{}", free_port()?),
+            http,
+            raft,
             log: self.dir.path().join(format!("node-{id}.log")),
             data,
             extra_args: self.extra_args.clone(),
             tls,
+            netns,
         };
         let child = spawn(&spec)?;
         self.nodes.insert(
@@ -617,6 +774,9 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        for m in self.mounts.drain(..) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
         if std::env::var_os("DRPLANE_KEEP_TEST_DIRS").is_some() {
             let path = self.dir.path().to_path_buf();
             eprintln!("keeping test directory {}", path.display());
@@ -639,7 +799,16 @@ fn spawn(spec: &NodeSpec) -> anyhow::Result<Child> {
         .open(&spec.log)
         .with_context(|| format!("opening {}", spec.log.display()))?;
     let log2 = log.try_clone()?;
-    let mut cmd = Command::new(drplane_bin()?);
+    // `ip netns exec` enters the namespace and execs the binary in place: the child's pid
+    // is the server's, so kill -9 and SIGSTOP reach it.
+    let mut cmd = match &spec.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(drplane_bin()?);
+            c
+        }
+        None => Command::new(drplane_bin()?),
+    };
     cmd.arg("server")
         .arg("--id")
         .arg(spec.id.to_string())
