@@ -61,14 +61,13 @@ impl Default for WorkloadConfig {
     }
 }
 
-/// Whether a write's `DRP-4001` counts as "certainly not applied": `CHAOS_STRICT_4001=1`
-/// says yes. The default is no, because a follower answers `DRP-4001` ("no answer from a
-/// leader within 2s: rpc to … failed: Timeout expired") when its Forward(Propose) to the
-/// leader timed out — after the proposal was sent — and the chaos runs found such a delete
-/// applied (the new leader committed it). Make the default strict once that answer is
-/// `DRP-4002`; `t84_unavailable_means_not_applied` checks it.
+/// Whether a write's `DRP-4001` counts as "certainly not applied", as the API documents:
+/// yes unless `CHAOS_STRICT_4001=0`. (Chaos runs once found a follower answering
+/// `DRP-4001` after its forwarded proposal timed out — after it was sent — and the new
+/// leader committed it; since the fix such an answer is `DRP-4002`, outcome unknown.
+/// `t84_unavailable_means_not_applied` checks it.)
 pub fn unavailable_is_definite_default() -> bool {
-    std::env::var("CHAOS_STRICT_4001").is_ok_and(|v| v == "1")
+    std::env::var("CHAOS_STRICT_4001").map_or(true, |v| v != "0")
 }
 
 /// The nodes clients may talk to: (id, base URL); updated as membership changes.

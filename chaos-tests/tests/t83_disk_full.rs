@@ -10,9 +10,6 @@ use chaos_tests::chaos::{self, Fault, RunConfig, Schedule, Topology};
 use chaos_tests::net::Net;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "drplane bug: after ENOSPC on a log append openraft's core quits but the process \
-            keeps serving and /readyz says ready; the node never catches up once the disk \
-            has room (run with --ignored to check a fix)"]
 async fn a_node_whose_disk_filled_up_catches_up_once_it_has_room() -> anyhow::Result<()> {
     Net::available().map_err(|e| anyhow::anyhow!("chaos tests need root: {e}"))?;
     let seed = std::env::var("CHAOS_SEED")
@@ -27,7 +24,7 @@ async fn a_node_whose_disk_filled_up_catches_up_once_it_has_room() -> anyhow::Re
     );
     cfg.schedule = Schedule::Cycle;
     cfg.replay = Some(format!(
-        "CHAOS_SEED={seed} cargo test -p chaos-tests --test t83_disk_full -- --ignored"
+        "CHAOS_SEED={seed} cargo test -p chaos-tests --test t83_disk_full"
     ));
     cfg.hold_ms = (1500, 2500);
     cfg.faults = vec![Fault::DiskFull];

@@ -11,8 +11,6 @@ use chaos_tests::chaos::{self, Fault, RunConfig, Schedule, Topology};
 use chaos_tests::net::Net;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "drplane bug: a follower answers DRP-4001 when its forwarded proposal timed out \
-            after it was sent; run with --ignored to check a fix"]
 async fn a_write_answered_cluster_unavailable_never_takes_effect() -> anyhow::Result<()> {
     Net::available().map_err(|e| anyhow::anyhow!("chaos tests need root: {e}"))?;
     let seed = std::env::var("CHAOS_SEED")
@@ -36,7 +34,7 @@ async fn a_write_answered_cluster_unavailable_never_takes_effect() -> anyhow::Re
     cfg.workload.unavailable_is_definite = true;
     cfg.workload.one_shot_clients = 6;
     cfg.replay = Some(format!(
-        "CHAOS_SEED={seed} cargo test -p chaos-tests --test t84_unavailable_means_not_applied -- --ignored"
+        "CHAOS_SEED={seed} cargo test -p chaos-tests --test t84_unavailable_means_not_applied"
     ));
     let r = chaos::run(cfg).await?;
     assert_eq!(r.violations(), 0, "{}", r.describe());

@@ -34,11 +34,7 @@ fn env_u64(name: &str) -> Option<u64> {
 fn faults_from_env() -> anyhow::Result<Vec<Fault>> {
     match std::env::var("CHAOS_FAULTS") {
         Ok(list) => Fault::parse_list(&list),
-        Err(_) => Ok(Fault::ALL
-            .iter()
-            .copied()
-            .filter(|f| *f != Fault::DiskFull)
-            .collect()),
+        Err(_) => Ok(Fault::ALL.to_vec()),
     }
 }
 

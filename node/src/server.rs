@@ -445,7 +445,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         if tls.is_some() { " (mutual TLS)" } else { "" }
     );
 
-    shutdown_signal().await;
+    // A fatal storage error (e.g. a full disk) stops openraft's core for good: exit with
+    // an error instead of serving as a node that looks alive but cannot catch up, so a
+    // supervisor restarts it (after the disk has room again, it recovers from its log).
+    let core_failed = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = node.core_stopped() => true,
+    };
+    if core_failed {
+        tracing::error!("the raft core stopped after a fatal storage error: exiting");
+        eprintln!(
+            "drplane node {}: the raft core stopped after a fatal storage error (is the disk \
+             full or failing? see the log above); exiting so it can be restarted",
+            cfg.id
+        );
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     scheduler.shutdown();
@@ -454,6 +468,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     node.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     tracing::info!("stopped");
+    if core_failed {
+        anyhow::bail!("the raft core stopped after a fatal storage error");
+    }
     Ok(())
 }
 

@@ -333,6 +333,11 @@ impl RaftNode {
         deadline: Instant,
     ) -> Result<(ForwardResponse, bool), NodeError> {
         let retry_unknown = matches!(req, ForwardRequest::Propose(_) | ForwardRequest::ReadIndex);
+        let is_write = matches!(req, ForwardRequest::Propose(_));
+        // Whether a leader may have received this proposal: then running out of time is
+        // "outcome unknown", never "not applied" (a forward that timed out or broke after
+        // sending may still commit; a retry with the same request id is applied once).
+        let mut maybe_sent = false;
         let mut rx = self.raft.metrics();
         let mut last_err = String::from("no leader is known");
         loop {
@@ -349,6 +354,13 @@ impl RaftNode {
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
+                if maybe_sent {
+                    return Err(NodeError::Unknown(format!(
+                        "no answer from a leader within {:?}, after the proposal may have \
+                         reached one: {last_err}",
+                        self.request_timeout
+                    )));
+                }
                 return Err(NodeError::Unavailable(format!(
                     "no answer from a leader within {:?}: {last_err}",
                     self.request_timeout
@@ -361,7 +373,10 @@ impl RaftNode {
                         Ok(Err(NodeError::NotLeader { .. })) => {
                             last_err = "leadership moved".into()
                         }
-                        Ok(Err(NodeError::Unknown(e))) if retry_unknown => last_err = e,
+                        Ok(Err(NodeError::Unknown(e))) if retry_unknown => {
+                            maybe_sent |= is_write;
+                            last_err = e
+                        }
                         Ok(Err(e)) => return Err(e),
                         Err(_) => {
                             return Err(NodeError::Unknown(format!(
@@ -378,12 +393,16 @@ impl RaftNode {
                         Ok(Err(NodeError::NotLeader { .. })) => {
                             last_err = format!("node {l} is no longer leader")
                         }
-                        Ok(Err(NodeError::Unknown(e))) if retry_unknown => last_err = e,
+                        Ok(Err(NodeError::Unknown(e))) if retry_unknown => {
+                            maybe_sent |= is_write;
+                            last_err = e
+                        }
                         Ok(Err(e)) => return Err(e),
                         Err(e) => {
                             if !retry_unknown && Instant::now() >= deadline {
                                 return Err(NodeError::Unknown(e.to_string()));
                             }
+                            maybe_sent |= is_write;
                             last_err = e.to_string();
                         }
                     }
@@ -623,7 +642,25 @@ impl RaftNode {
     }
 
     /// Ready = a leader is known and this node applied up to the commit index it learned.
+    /// Resolves when openraft's core has stopped (a storage failure such as a full disk
+    /// is fatal to it): this node can no longer take part and should be restarted.
+    pub async fn core_stopped(&self) {
+        let mut rx = self.raft.metrics();
+        while rx.changed().await.is_ok() {}
+    }
+
+    /// Whether openraft's core has stopped.
+    pub fn is_core_stopped(&self) -> bool {
+        self.raft.metrics().has_changed().is_err()
+    }
+
     pub fn readiness(&self) -> (bool, String) {
+        if self.is_core_stopped() {
+            return (
+                false,
+                "the raft core stopped after a fatal storage error; the node is exiting".into(),
+            );
+        }
         let m = self.metrics_now();
         if m.membership_config.membership().nodes().next().is_none() {
             return (
