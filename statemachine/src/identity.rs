@@ -315,6 +315,17 @@ pub enum IdentityCommand {
     RevokeToken {
         token_hash: String,
     },
+    /// A token for the user of the live token `parent_hash` (Keystone's `token` method):
+    /// expires `ttl_ms` after the state machine clock at apply, but never after the parent
+    /// does (a token cannot be renewed forever); refused if the parent has expired or been
+    /// revoked by then.
+    IssueTokenFrom {
+        token_hash: String,
+        parent_hash: String,
+        project_id: String,
+        method: String,
+        ttl_ms: u64,
+    },
 }
 
 impl std::fmt::Debug for IdentityCommand {
@@ -432,6 +443,20 @@ impl std::fmt::Debug for IdentityCommand {
             RevokeToken { token_hash } => f
                 .debug_struct("RevokeToken")
                 .field("token_id", token_hash)
+                .finish(),
+            IssueTokenFrom {
+                token_hash,
+                parent_hash,
+                project_id,
+                method,
+                ttl_ms,
+            } => f
+                .debug_struct("IssueTokenFrom")
+                .field("token_id", token_hash)
+                .field("parent_token_id", parent_hash)
+                .field("project_id", project_id)
+                .field("method", method)
+                .field("ttl_ms", ttl_ms)
                 .finish(),
         }
     }
@@ -680,15 +705,22 @@ impl IdentityCommand {
                 validate_id("user_id", user_id)?;
                 validate_id("project_id", project_id)?;
                 validate_method(method)?;
-                if !(TOKEN_TTL_MIN_MS..=TOKEN_TTL_MAX_MS).contains(ttl_ms) {
-                    return Err(invalid(
-                        "ttl_ms",
-                        format!("must be {TOKEN_TTL_MIN_MS} to {TOKEN_TTL_MAX_MS} ms"),
-                    ));
-                }
-                Ok(())
+                validate_ttl(*ttl_ms)
             }
             RevokeToken { token_hash } => validate_sha256_hex("token_hash", token_hash),
+            IssueTokenFrom {
+                token_hash,
+                parent_hash,
+                project_id,
+                method,
+                ttl_ms,
+            } => {
+                validate_sha256_hex("token_hash", token_hash)?;
+                validate_sha256_hex("parent_hash", parent_hash)?;
+                validate_id("project_id", project_id)?;
+                validate_method(method)?;
+                validate_ttl(*ttl_ms)
+            }
         }
     }
 
@@ -711,8 +743,19 @@ impl IdentityCommand {
             DeleteApiKey { .. } => "identity_delete_api_key",
             IssueToken { .. } => "identity_issue_token",
             RevokeToken { .. } => "identity_revoke_token",
+            IssueTokenFrom { .. } => "identity_issue_token_from",
         }
     }
+}
+
+fn validate_ttl(ttl_ms: u64) -> Result<(), CommandError> {
+    if !(TOKEN_TTL_MIN_MS..=TOKEN_TTL_MAX_MS).contains(&ttl_ms) {
+        return Err(invalid(
+            "ttl_ms",
+            format!("must be {TOKEN_TTL_MIN_MS} to {TOKEN_TTL_MAX_MS} ms"),
+        ));
+    }
+    Ok(())
 }
 
 // ---- keys ----
@@ -990,32 +1033,39 @@ pub fn apply(txn: &mut Txn<'_>, cmd: &IdentityCommand, now: u64) -> Applied {
             project_id,
             method,
             ttl_ms,
+        } => issue_token(
+            txn,
+            token_hash,
+            user_id,
+            project_id,
+            method,
+            now.saturating_add(*ttl_ms),
+            now,
+        ),
+        IssueTokenFrom {
+            token_hash,
+            parent_hash,
+            project_id,
+            method,
+            ttl_ms,
         } => {
-            let roles = match check_member_of(txn, user_id, project_id)? {
-                Ok(roles) => roles,
-                Err(e) => return Ok(Err(e)),
+            let parent = txn
+                .get_record::<Token>(CF_TOKENS, &token_key(parent_hash))?
+                .filter(|p| p.revoked_at_ms.is_none() && p.expires_at_ms > now);
+            let Some(parent) = parent else {
+                return Ok(Err(CommandError::Conflict(
+                    "the presented token has expired or been revoked".into(),
+                )));
             };
-            let key = token_key(token_hash);
-            if txn.get(CF_TOKENS, &key)?.is_some() {
-                return Ok(Err(exists("token", token_hash)));
-            }
-            let token = Token {
-                id: token_hash.clone(),
-                user_id: user_id.clone(),
-                project_id: project_id.clone(),
-                method: method.clone(),
-                roles,
-                issued_at_ms: now,
-                expires_at_ms: now.saturating_add(*ttl_ms),
-                revoked_at_ms: None,
-            };
-            txn.put_record(CF_TOKENS, &key, &token)?;
-            txn.put(
-                CF_TOKENS,
-                &expiry_key(token.expires_at_ms, token_hash),
-                Vec::new(),
-            )?;
-            Ok(Ok(IdentityOutcome::Token(token)))
+            issue_token(
+                txn,
+                token_hash,
+                &parent.user_id,
+                project_id,
+                method,
+                now.saturating_add(*ttl_ms).min(parent.expires_at_ms),
+                now,
+            )
         }
         RevokeToken { token_hash } => {
             let key = token_key(token_hash);
@@ -1185,6 +1235,43 @@ fn assignments(txn: &Txn<'_>) -> Result<Vec<(Vec<u8>, RoleAssignment)>, StoreErr
 
 /// The user and project exist and are enabled and the user holds a role there: the
 /// effective roles, or why not.
+/// Records a token of `user_id` on `project_id` expiring at `expires_at_ms`.
+fn issue_token(
+    txn: &mut Txn<'_>,
+    token_hash: &str,
+    user_id: &str,
+    project_id: &str,
+    method: &str,
+    expires_at_ms: u64,
+    now: u64,
+) -> Applied {
+    let roles = match check_member_of(txn, user_id, project_id)? {
+        Ok(roles) => roles,
+        Err(e) => return Ok(Err(e)),
+    };
+    let key = token_key(token_hash);
+    if txn.get(CF_TOKENS, &key)?.is_some() {
+        return Ok(Err(exists("token", token_hash)));
+    }
+    let token = Token {
+        id: token_hash.to_string(),
+        user_id: user_id.to_string(),
+        project_id: project_id.to_string(),
+        method: method.to_string(),
+        roles,
+        issued_at_ms: now,
+        expires_at_ms,
+        revoked_at_ms: None,
+    };
+    txn.put_record(CF_TOKENS, &key, &token)?;
+    txn.put(
+        CF_TOKENS,
+        &expiry_key(token.expires_at_ms, token_hash),
+        Vec::new(),
+    )?;
+    Ok(Ok(IdentityOutcome::Token(token)))
+}
+
 fn check_member_of(
     txn: &Txn<'_>,
     user_id: &str,
@@ -1584,6 +1671,66 @@ mod tests {
         );
         assert!(store.get_token(&h('a')).expect("read").is_none());
         assert!(store.list_tokens().expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_token_from_a_token_expires_with_it() {
+        let (_d, store) = open();
+        run(&store, 1_000, vec![boot(true)]);
+        let from = |t: char, parent: char, ttl_ms| IdentityCommand::IssueTokenFrom {
+            token_hash: h(t),
+            parent_hash: h(parent),
+            project_id: "pdemo".into(),
+            method: "token".into(),
+            ttl_ms,
+        };
+        let r = run(
+            &store,
+            2_000,
+            vec![
+                IdentityCommand::IssueToken {
+                    token_hash: h('a'),
+                    user_id: "udemo".into(),
+                    project_id: "pdemo".into(),
+                    method: "password".into(),
+                    ttl_ms: 5_000,
+                },
+                // Capped at the parent's expiry, for the parent's user.
+                from('b', 'a', 3_600_000),
+                // Shorter than what is left: its own lifetime.
+                from('c', 'a', 1_000),
+                // A token from a token from a token: still the first one's expiry.
+                from('d', 'b', 3_600_000),
+                // No such parent.
+                from('e', '9', 1_000),
+            ],
+        );
+        let expiry = |i: usize| match &r[i] {
+            Ok(IdentityOutcome::Token(t)) => {
+                assert_eq!(t.user_id, "udemo");
+                t.expires_at_ms
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (expiry(0), expiry(1), expiry(2), expiry(3)),
+            (7_000, 7_000, 3_000, 7_000)
+        );
+        assert!(matches!(r[4], Err(CommandError::Conflict(_))), "{:?}", r[4]);
+        // Revoked or expired parents give nothing.
+        let r = run(
+            &store,
+            3_000,
+            vec![
+                IdentityCommand::RevokeToken { token_hash: h('b') },
+                from('f', 'b', 1_000),
+            ],
+        );
+        assert!(matches!(r[1], Err(CommandError::Conflict(_))), "{:?}", r[1]);
+        let r = run(&store, 7_000, vec![from('1', 'a', 1_000)]);
+        assert!(matches!(r[0], Err(CommandError::Conflict(_))), "{:?}", r[0]);
+        assert!(from('2', 'a', 10).validate().is_err());
+        assert!(format!("{:?}", from('2', 'a', 1_000)).contains("parent_token_id"));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - `POST /v3/auth/tokens` — `password` (user by name + domain, or id) and `token`
 //!   methods, scoped to a project by id or name + domain; answers 201 with
 //!   `X-Subject-Token` and a token body whose catalog points `database` (Trove) and
-//!   `sharev2` (Manila) at this cluster, built from the request's `Host`;
+//!   `sharev2` (Manila) at this cluster, built from the request's `Host`; a token from the
+//!   `token` method expires when the presented token does, as in Keystone;
 //! - `GET`/`HEAD /v3/auth/tokens` with `X-Subject-Token` — validate (admins any token,
 //!   others their own);
 //! - `DELETE /v3/auth/tokens` — revoke.
@@ -401,8 +402,11 @@ async fn issue(
             }
         };
         let label = user.name.clone();
+        // As in Keystone, the new token expires when the presented one does (the state
+        // machine caps it): otherwise a token could be renewed forever.
         (
-            tokens::issue_token(&st, &user, scope, "token", ttl, tokens::TOKEN_BYTES).await,
+            tokens::issue_token_from(&st, &user, &token, scope, "token", ttl, tokens::TOKEN_BYTES)
+                .await,
             label,
         )
     } else {

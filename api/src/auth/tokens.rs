@@ -417,6 +417,33 @@ pub(crate) async fn issue_token(
     ttl: Duration,
     token_bytes: usize,
 ) -> Result<Issued, LoginError> {
+    issue(st, user, None, scope, method, ttl, token_bytes).await
+}
+
+/// Issues a token for the user of the valid token `parent` (Keystone's `token` method):
+/// it expires when `parent` does at the latest, and not at all if `parent` was revoked or
+/// expired by the time the command applies.
+pub(crate) async fn issue_token_from(
+    st: &AppState,
+    user: &User,
+    parent: &Token,
+    scope: Scope,
+    method: &str,
+    ttl: Duration,
+    token_bytes: usize,
+) -> Result<Issued, LoginError> {
+    issue(st, user, Some(parent), scope, method, ttl, token_bytes).await
+}
+
+async fn issue(
+    st: &AppState,
+    user: &User,
+    parent: Option<&Token>,
+    scope: Scope,
+    method: &str,
+    ttl: Duration,
+    token_bytes: usize,
+) -> Result<Issued, LoginError> {
     let store = st.cp.store();
     let scope_err = |reason: String| LoginError::Scope { reason };
     let project = match &scope {
@@ -465,12 +492,21 @@ pub(crate) async fn issue_token(
     };
     let token = random_hex(token_bytes);
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    let cmd = Command::Identity(IdentityCommand::IssueToken {
-        token_hash: sha256_hex(&token),
-        user_id: user.id.clone(),
-        project_id: project.id.clone(),
-        method: method.to_string(),
-        ttl_ms,
+    let cmd = Command::Identity(match parent {
+        None => IdentityCommand::IssueToken {
+            token_hash: sha256_hex(&token),
+            user_id: user.id.clone(),
+            project_id: project.id.clone(),
+            method: method.to_string(),
+            ttl_ms,
+        },
+        Some(p) => IdentityCommand::IssueTokenFrom {
+            token_hash: sha256_hex(&token),
+            parent_hash: p.id.clone(),
+            project_id: project.id.clone(),
+            method: method.to_string(),
+            ttl_ms,
+        },
     });
     if let Err(e) = cmd.validate() {
         return Err(LoginError::Cluster(e.into()));
@@ -494,7 +530,11 @@ pub(crate) async fn issue_token(
             "IssueToken produced {other:?}"
         )))),
         Err(CommandError::NotFound { .. }) | Err(CommandError::Conflict(_)) => Err(scope_err(
-            "the project does not exist, is disabled, or the user has no role on it".into(),
+            match parent {
+                None => "the project does not exist, is disabled, or the user has no role on it",
+                Some(_) => "the token has expired or been revoked, or the project does not exist, is disabled, or the user has no role on it",
+            }
+            .into(),
         )),
         Err(e) => Err(LoginError::Cluster(e.into())),
     }
