@@ -864,7 +864,18 @@ pub(crate) fn apply(
             }
             register_workloads(txn, &new, now)
         }
-        InventoryCommand::DeleteWorkload { kind, id } => delete_workload(txn, *kind, id),
+        InventoryCommand::DeleteWorkload { kind, id } => {
+            if let Some(w) = load_workload(txn, *kind, id)? {
+                if let Some(pair) = crate::replication::pair_using(txn, &w)? {
+                    return Ok(Err(CommandError::Conflict(format!(
+                        "{} '{id}' is replicated by pair '{pair}': remove its replication \
+                         (the family's replica, protected instance or share replica) first",
+                        kind.as_str()
+                    ))));
+                }
+            }
+            delete_workload(txn, *kind, id)
+        }
         InventoryCommand::Reserve {
             host,
             holder,

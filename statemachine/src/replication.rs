@@ -779,6 +779,28 @@ pub(crate) fn on_task_succeeded(
     save_pair(txn, Some(&old), &p)
 }
 
+/// A pair one of whose copies is a volume of `w` (on `w`'s host), if any. Scans the
+/// pairs: for the rare operator's delete of a workload, not for hot paths.
+pub(crate) fn pair_using(
+    txn: &Txn<'_>,
+    w: &crate::inventory::Workload,
+) -> Result<Option<String>, StoreError> {
+    use crate::inventory::Workload;
+    let volumes: Vec<&str> = match w {
+        Workload::Server(s) => s.disks.iter().map(|d| d.id.as_str()).collect(),
+        Workload::Share(s) => vec![s.id.as_str()],
+        Workload::Database(d) => vec![d.volume.id.as_str()],
+    };
+    for (_, v) in txn.scan_prefix(CF_PAIRS, b"")? {
+        let p: Pair = crate::codec::decode(&v)?;
+        let uses = |r: &VolumeRef| r.host == w.host() && volumes.contains(&r.volume_id.as_str());
+        if uses(&p.source) || uses(&p.target) {
+            return Ok(Some(p.id));
+        }
+    }
+    Ok(None)
+}
+
 /// The job of one operation on one pair.
 fn op_job(p: &Pair, op: &PairOp, job_id: &str, job_type: &str) -> NewJob {
     let mut job = NewJob {
@@ -1253,6 +1275,59 @@ mod tests {
         };
         assert_eq!(j.status, JobStatus::Success);
         assert_eq!(f.store.get_pair("pair-1").expect("read"), None);
+    }
+
+    #[test]
+    fn a_replicated_workload_cannot_be_deleted_from_under_its_pair() {
+        use crate::inventory::{
+            Disk, Flavor, InventoryCommand, Server, ServerStatus, Workload, WorkloadKind,
+        };
+        let f = setup();
+        let server = Workload::Server(Server {
+            id: "vm-1".into(),
+            project: "proj1".into(),
+            name: "vm".into(),
+            host: "h1".into(),
+            status: ServerStatus::Active,
+            flavor: Flavor {
+                vcpus: 1,
+                ram_mb: 512,
+            },
+            disks: vec![Disk {
+                id: "disk-1".into(),
+                size_bytes: 1 << 20,
+                pool: "p1".into(),
+                path: String::new(),
+            }],
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        });
+        f.inv(InventoryCommand::RegisterWorkloads {
+            workloads: vec![server],
+        })
+        .expect("register");
+        create(&f);
+        let del = || {
+            f.inv(InventoryCommand::DeleteWorkload {
+                kind: WorkloadKind::Server,
+                id: "vm-1".into(),
+            })
+        };
+        let r = del();
+        assert!(
+            matches!(&r, Err(CommandError::Conflict(m)) if m.contains("pair-1")),
+            "{r:?}"
+        );
+        run(&f, "job-create", 1);
+        operate(
+            &f,
+            PairOp::Delete {
+                delete_target: false,
+            },
+            "d-1",
+        )
+        .expect("delete pair");
+        assert_eq!(del(), Ok(Outcome::Done));
     }
 
     #[test]
