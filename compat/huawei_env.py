@@ -103,6 +103,13 @@ class HwWorld:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs.clear()
+        # The control plane marks a host offline once it has been silent for
+        # `host_offline_after_ms` (10 s in `drplane dev`). Until then the stopped hosts look
+        # online (and these are big ones): wait, so that no later test (of any family) has
+        # its work placed on a host whose agent is gone.
+        for host in self.hosts:
+            wait_for(lambda h=host: self.admin.get(f"/drplane/v1/hosts/{h}")["state"] == "offline",
+                     60, f"host {host} offline")
 
     def server(self, sid):
         return self.admin.get(f"/drplane/v1/servers/{sid}")

@@ -54,8 +54,9 @@ def wait_for(what, check, timeout=90.0, every=0.3):
 class ExtraAgent:
     """A third `fs` agent (host `host`, site `site`) started with `drplane agent --config`."""
 
-    def __init__(self, url, token, admin_password, workdir, host, site, shares=()):
-        self.host, self.site = host, site
+    def __init__(self, url, token, admin_password, workdir, host, site, shares=(), wait=True):
+        self.url, self.token = url, token
+        self.host, self.site, self.workdir = host, site, workdir
         self.data = os.path.join(workdir, host)
         os.makedirs(self.data, exist_ok=True)
         r = requests.post(
@@ -96,23 +97,39 @@ class ExtraAgent:
             stderr=subprocess.STDOUT,
         )
 
+        if wait:
+            self.wait_online()
+
+    def state(self):
+        r = requests.get(
+            f"{self.url}/drplane/v1/hosts/{self.host}",
+            headers={"X-Auth-Token": self.token},
+            timeout=10,
+        )
+        return r.json().get("state") if r.status_code == 200 else None
+
+    def wait_online(self):
         def online():
             if self.proc.poll() is not None:
-                raise AssertionError(f"agent {host} exited; see {workdir}/{host}.log")
-            r = requests.get(
-                f"{url}/drplane/v1/hosts/{host}", headers={"X-Auth-Token": token}, timeout=10
-            )
-            return r.status_code == 200 and r.json().get("state") == "online"
+                raise AssertionError(f"agent {self.host} exited; see {self.workdir}/{self.host}.log")
+            return self.state() == "online"
 
-        wait_for(f"host {host} online", online, timeout=60)
+        wait_for(f"host {self.host} online", online, timeout=60)
 
     def stop(self):
+        """Stops the agent. The control plane marks its host offline only once the host has
+        been silent for `host_offline_after_ms` (10 s in `drplane dev`): `wait_offline`
+        waits for that, so that no later test finds an `online` host whose agent is gone."""
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+    def wait_offline(self):
+        # None: never registered (the agent did not start).
+        wait_for(f"host {self.host} offline", lambda: self.state() in ("offline", None), timeout=60)
 
 
 def volume_dir(root, volume_id):
