@@ -88,7 +88,8 @@ pub const FIELD_POLICY: &str = "policy";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplicationType {
-    /// All copies writable (drplane still replicates one way, from the active replica).
+    /// All copies writable. No drplane backend supports it (replication is one way, from
+    /// the active copy): a replica of such a share finds no valid host.
     Writable,
     /// Secondaries read-only, promotable.
     Readable,
@@ -1037,7 +1038,7 @@ fn create_replica(
         Some(s) if visible(project, &s.project) => s,
         _ => return Ok(Err(share_not_found(&new.share_id))),
     };
-    let Some(_ms) = load_mshare(txn, &share.id)? else {
+    let Some(ms) = load_mshare(txn, &share.id)? else {
         return Ok(Err(bad(
             "share_id",
             format!(
@@ -1046,6 +1047,20 @@ fn create_replica(
             ),
         )));
     };
+    // The agents replicate one way, from the active copy: no backend can keep several
+    // writable copies, so a `writable` share finds no host, as Manila answers when no
+    // backend supports the share type's replication_type.
+    if ms.replication_type == ReplicationType::Writable {
+        return Ok(Err(bad(
+            "share_id",
+            format!(
+                "No valid host was found for a replica of share {}: no backend supports \
+                 replication_type 'writable' (the backends replicate one way: use 'dr' or \
+                 'readable').",
+                share.id
+            ),
+        )));
+    }
     if load_replica(txn, &new.id)?.is_some() {
         return Ok(Err(CommandError::AlreadyExists {
             kind: "share replica".into(),
@@ -1722,6 +1737,14 @@ mod tests {
         let f = setup();
         let e = create(&f, "r2", Some("az2"), Some(P)).expect_err("no type");
         assert!(matches!(e, CommandError::Invalid { .. }), "{e:?}");
+        // No backend keeps several writable copies: a writable share finds no host.
+        set_type(&f, Some(ReplicationType::Writable)).expect("set writable");
+        let e = create(&f, "r2", Some("az2"), Some(P)).expect_err("writable");
+        assert!(
+            matches!(&e, CommandError::Invalid { reason, .. } if reason.contains("No valid host")),
+            "{e:?}"
+        );
+        assert!(f.store.get_share_replica("r2").expect("read").is_none());
         set_type(&f, Some(ReplicationType::Dr)).expect("set type");
         let active = r(&f, "r1");
         assert!(active.active);
