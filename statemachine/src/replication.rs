@@ -61,6 +61,8 @@ pub const CF_PAIRS_BY_JOB: &str = "pairs_by_job";
 
 pub const CFS: &[&str] = &[CF_PAIRS, CF_PAIRS_DUE, CF_PAIRS_BY_OWNER, CF_PAIRS_BY_JOB];
 
+/// Job type of the fence of an old primary after an unplanned failover.
+pub const JOB_TYPE_FENCE_OLD: &str = "fenceOldPrimary";
 /// Job type of the periodic syncs the leader starts (kept [`SYNC_JOB_RETENTION_MS`]).
 pub const JOB_TYPE_PERIODIC_SYNC: &str = "replicationSync";
 /// Finished periodic sync jobs are purged after one hour (user jobs: 24 h).
@@ -122,6 +124,11 @@ pub enum PairOp {
     Delete {
         delete_target: bool,
     },
+    /// After an unplanned failover: fence the old primary (now the target) as soon as its
+    /// host's agent is back, so it never comes back writable beside the promoted copy.
+    /// Started by the state machine, preempted by any user operation (a reinit fences
+    /// it first itself).
+    FenceOldPrimary,
 }
 
 impl PairOp {
@@ -133,11 +140,16 @@ impl PairOp {
             PairOp::UnplannedFailover => "unplanned_failover",
             PairOp::Reinit => "reinit",
             PairOp::Delete { .. } => "delete",
+            PairOp::FenceOldPrimary => "fence_old_primary",
         }
     }
 
-    fn is_periodic_sync(&self) -> bool {
-        matches!(self, PairOp::Sync { periodic: true, .. })
+    /// Work the system started on its own, which a user operation preempts.
+    fn is_preemptible(&self) -> bool {
+        matches!(
+            self,
+            PairOp::Sync { periodic: true, .. } | PairOp::FenceOldPrimary
+        )
     }
 }
 
@@ -488,7 +500,7 @@ pub(crate) fn insert_pair(
 pub fn check_op(p: &Pair, op: &PairOp) -> Result<(), CommandError> {
     if let Some(job) = &p.busy_job {
         let preemptible =
-            p.pending_op.as_ref().is_some_and(PairOp::is_periodic_sync) && !op.is_periodic_sync();
+            p.pending_op.as_ref().is_some_and(PairOp::is_preemptible) && !op.is_preemptible();
         if !preemptible {
             return Err(CommandError::Conflict(format!(
                 "replication pair '{}' is busy with job '{job}' ({})",
@@ -498,7 +510,7 @@ pub fn check_op(p: &Pair, op: &PairOp) -> Result<(), CommandError> {
         }
     }
     let ok = match op {
-        PairOp::Create => false,
+        PairOp::Create | PairOp::FenceOldPrimary => false,
         PairOp::Sync { .. } => matches!(p.state, PairState::Active | PairState::Error),
         PairOp::PlannedFailover { .. } => p.state == PairState::Active,
         PairOp::UnplannedFailover => matches!(p.state, PairState::Active | PairState::Error),
@@ -603,6 +615,14 @@ pub fn plan_op(p: &Pair, op: &PairOp, job: &mut NewJob, after: &[String]) -> Vec
             );
             push(job, &mut prev, sync(false));
         }
+        PairOp::FenceOldPrimary => push(
+            job,
+            &mut prev,
+            TaskKind::Fence {
+                pair_id: p.id.clone(),
+                volume: p.target.clone(),
+            },
+        ),
         PairOp::Delete { delete_target } => {
             if *delete_target {
                 push(
@@ -719,6 +739,22 @@ pub(crate) fn on_job_end(txn: &mut Txn<'_>, job: &Job, now: u64) -> Result<(), S
                 p.reinit_required = true;
                 p.last_error = None;
                 p.next_sync_ms = None;
+                // The old primary could not be fenced first (its host is lost): fence it
+                // as soon as its agent is back, before anything else runs there.
+                let fence_id = format!("{}:fence", job.id);
+                let fence = op_job(&p, &PairOp::FenceOldPrimary, &fence_id, JOB_TYPE_FENCE_OLD);
+                if jobs::check_new_job(txn, &fence)?.is_ok() {
+                    jobs::insert_job(txn, &fence, None, now)?;
+                    p.busy_job = Some(fence_id);
+                    p.pending_op = Some(PairOp::FenceOldPrimary);
+                }
+            }
+            (Some(PairOp::FenceOldPrimary), true) => {}
+            (Some(PairOp::FenceOldPrimary), false) => {
+                p.last_error = Some(format!(
+                    "the old primary could not be fenced (a reinit fences it): {}",
+                    reason()
+                ));
             }
             (Some(PairOp::Sync { .. }), false) => {
                 // A failed or cancelled sync leaves the previous copy; try again later.
@@ -1263,6 +1299,31 @@ mod tests {
         let p = pair(&f);
         assert_eq!(p.state, PairState::FailedOver);
         assert_eq!(p.source.host, "h2");
+        // The old primary is fenced as soon as its agent is back (a job of its own).
+        assert_eq!(p.busy_job.as_deref(), Some("u-1:fence"));
+        assert_eq!(p.pending_op, Some(PairOp::FenceOldPrimary));
+        assert_eq!(f.job("u-1:fence").job_type, JOB_TYPE_FENCE_OLD);
+        let ran = run(&f, "u-1:fence", 0);
+        assert_eq!(ran, vec![("h1".to_string(), "fence".to_string())]);
+        let p = pair(&f);
+        assert_eq!(p.busy_job, None);
+        assert_eq!(p.state, PairState::FailedOver);
+        // A reinit preempts a fence still waiting for its host.
+        operate(&f, PairOp::Reinit, "re-1").expect("reinit");
+        run(&f, "re-1", 1);
+        operate(&f, PairOp::UnplannedFailover, "u-2").expect("failover again");
+        run(&f, "u-2", 0);
+        assert_eq!(pair(&f).busy_job.as_deref(), Some("u-2:fence"));
+        operate(&f, PairOp::Reinit, "re-2").expect("reinit preempts the fence");
+        assert_eq!(f.job("u-2:fence").status, JobStatus::Fail);
+        let ran = run(&f, "re-2", 1);
+        assert_eq!(
+            ran,
+            vec![
+                ("h2".to_string(), "fence".to_string()),
+                ("h2".to_string(), "sync".to_string())
+            ]
+        );
         // Delete without the target ends at once and removes the pair.
         let Ok(Outcome::Job(j)) = operate(
             &f,
