@@ -28,13 +28,17 @@ pub mod workload;
 /// The `drplane` binary: `$DRPLANE_BIN`, or the one cargo built next to this test binary,
 /// pinned for the life of this process (see [`pin_binary`]).
 pub fn drplane_bin() -> anyhow::Result<PathBuf> {
-    static PINNED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    if let Some(p) = PINNED.get() {
+    // Pinned once per process, under a lock: tests run on several threads, and two that
+    // pinned at once would replace each other's file while the other execs it.
+    static PINNED: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut pinned = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = pinned.as_ref() {
         return Ok(p.clone());
     }
     let bin = locate_drplane_bin()?;
-    let pinned = pin_binary(&bin).unwrap_or(bin);
-    Ok(PINNED.get_or_init(|| pinned).clone())
+    let p = pin_binary(&bin).unwrap_or(bin);
+    *pinned = Some(p.clone());
+    Ok(p)
 }
 
 fn locate_drplane_bin() -> anyhow::Result<PathBuf> {
@@ -57,7 +61,7 @@ fn locate_drplane_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A link (or copy) of `bin` private to this process, `<tmp>/drplane-pinned/<pid>-drplane`,
+/// A copy of `bin` private to this process, `<tmp>/drplane-pinned/<pid>-drplane`,
 /// so that a rebuild of the shared target directory during a long test does not swap the
 /// binary under the nodes it restarts. Links of processes that are gone are removed.
 pub fn pin_binary(bin: &Path) -> anyhow::Result<PathBuf> {
@@ -75,11 +79,16 @@ pub fn pin_binary(bin: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     let pinned = dir.join(format!("{}-drplane", std::process::id()));
-    let _ = std::fs::remove_file(&pinned);
-    if std::fs::hard_link(bin, &pinned).is_err() {
-        std::fs::copy(bin, &pinned)
-            .with_context(|| format!("copying {} to {}", bin.display(), pinned.display()))?;
-    }
+    // Made under a temporary name and renamed into place: an exec never sees a file
+    // still being written (ETXTBSY).
+    let tmp = dir.join(format!(".{}-drplane.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    // A copy, never a hard link: the linker may rewrite the target directory's file in
+    // place, and a link would see it truncated mid-build.
+    std::fs::copy(bin, &tmp)
+        .with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &pinned)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), pinned.display()))?;
     Ok(pinned)
 }
 
