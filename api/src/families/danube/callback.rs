@@ -8,12 +8,12 @@
 //! The spec makes this best effort (PROPOSAL), and so it is here:
 //! - a watcher on the accepting node follows the task in its local store (it never touches
 //!   the task); if that node stops first, the callback is lost;
-//! - one attempt, bounded by [`CALLBACK_TIMEOUT`] (connect, send, status line); the answer's
-//!   status is logged, nothing else is read; no retry;
+//! - one attempt, bounded by [`CALLBACK_TIMEOUT`]; the answer's status is logged; no
+//!   retry;
 //! - an invalid `cb_url` or `cb_method` is ignored (logged), as upstream does: the call
 //!   itself is not refused;
-//! - plain `http://` only: this crate has no TLS client, so an `https://` callback is
-//!   skipped with a warning;
+//! - plain `http://` only: the HTTP client is built without TLS, so an `https://`
+//!   callback is skipped with a warning;
 //! - drplane's identity has no per-user callback key yet, so the key is empty and
 //!   `security_token` = md5(`random_token`): it proves nothing about the sender.
 //!
@@ -25,7 +25,6 @@ use std::time::Duration;
 use axum::http::Method;
 use drplane_statemachine::Store;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::task::status_body;
 use super::ES_VERSION;
@@ -43,13 +42,7 @@ const URL_MAX: usize = 2048;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Callback {
     pub(crate) method: Method,
-    pub(crate) url: String,
-    /// `host:port` to connect to (IPv6 literals bracketed).
-    pub(crate) addr: String,
-    /// The `Host` header.
-    pub(crate) host_header: String,
-    /// Path and query.
-    pub(crate) target: String,
+    pub(crate) url: reqwest::Url,
 }
 
 /// Why a callback request is not made.
@@ -92,73 +85,28 @@ fn parse_url(url: &str, method: Method) -> Result<Callback, Skip> {
     if url.len() > URL_MAX || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid());
     }
-    let lower = url.to_ascii_lowercase();
-    let rest = if lower.starts_with("http://") {
-        &url[7..]
-    } else if lower.starts_with("https://") {
-        return Err(Skip::Unsupported(
-            "https callbacks are not supported (no TLS client)".into(),
-        ));
-    } else {
-        return Err(invalid());
-    };
-    let rest = rest.split('#').next().unwrap_or("");
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    if authority.contains('@') {
+    let mut parsed = reqwest::Url::parse(url).map_err(|_| invalid())?;
+    match parsed.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(Skip::Unsupported(
+                "https callbacks are not supported (no TLS client)".into(),
+            ))
+        }
+        _ => return Err(invalid()),
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(Skip::Unsupported(
             "credentials in cb_url are not supported".into(),
         ));
     }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(invalid)?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(invalid)?),
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let host_ok = if host.starts_with('[') {
-        host.len() > 2
-            && host[1..host.len() - 1]
-                .parse::<std::net::Ipv6Addr>()
-                .is_ok()
-    } else {
-        !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    };
-    if !host_ok {
+    if parsed.host_str().is_none_or(str::is_empty) || parsed.port() == Some(0) {
         return Err(invalid());
     }
-    let port: u16 = match port {
-        None => 80,
-        Some(p) => p.parse().ok().filter(|p| *p > 0).ok_or_else(invalid)?,
-    };
-    let target = if tail.is_empty() {
-        "/".to_string()
-    } else if tail.starts_with('?') {
-        format!("/{tail}")
-    } else {
-        tail.to_string()
-    };
-    let host_header = if port == 80 {
-        host.clone()
-    } else {
-        format!("{host}:{port}")
-    };
+    parsed.set_fragment(None);
     Ok(Callback {
         method,
-        url: url.to_string(),
-        addr: format!("{host}:{port}"),
-        host_header,
-        target,
+        url: parsed,
     })
 }
 
@@ -237,106 +185,33 @@ fn with_tokens(mut payload: Map<String, Value>, callback_key: &str) -> Value {
     Value::Object(payload)
 }
 
-/// One HTTP/1.1 request with a JSON body; the answer's status code.
+/// One request with a JSON body; the answer's status code.
 async fn send(cb: &Callback, body: &str, limit: Duration) -> Result<u16, String> {
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(&cb.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", cb.addr))?;
-        let head = format!(
-            "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: DanubeCloud/{}\r\nAccept: */*\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            cb.method,
-            cb.target,
-            cb.host_header,
-            ES_VERSION,
-            body.len()
-        );
-        conn.write_all(head.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        conn.write_all(body.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        conn.flush().await.map_err(|e| format!("send: {e}"))?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 8192 {
-            let n = conn
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
+    let client = reqwest::Client::builder()
+        .timeout(limit)
+        .user_agent(format!("DanubeCloud/{ES_VERSION}"))
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+    let resp = client
+        .request(cb.method.clone(), cb.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_timeout() {
+                format!("no answer within {} ms", limit.as_millis())
+            } else {
+                format!("send: {e}")
             }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.lines().next().unwrap_or("");
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .filter(|_| line.starts_with("HTTP/"))
-            .ok_or_else(|| format!("not an HTTP answer: {line:?}"))
-    };
-    match tokio::time::timeout(limit, exchange).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
-    }
+        })?;
+    Ok(resp.status().as_u16())
 }
 
-/// MD5 (RFC 1321) as lowercase hex: what upstream's `security_token` is made with.
+/// MD5 as lowercase hex: what upstream's `security_token` is made with.
 pub(crate) fn md5_hex(data: &[u8]) -> String {
-    const S: [u32; 64] = [
-        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
-        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
-        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
-    ];
-    let k: Vec<u32> = (0..64)
-        .map(|i| ((i as f64 + 1.0).sin().abs() * 4_294_967_296.0) as u32)
-        .collect();
-    let mut msg = data.to_vec();
-    let bit_len = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bit_len.to_le_bytes());
-    let (mut a0, mut b0, mut c0, mut d0) = (
-        0x6745_2301u32,
-        0xefcd_ab89u32,
-        0x98ba_dcfeu32,
-        0x1032_5476u32,
-    );
-    for block in msg.chunks_exact(64) {
-        let m: Vec<u32> = block
-            .chunks_exact(4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect();
-        let (mut a, mut b, mut c, mut d) = (a0, b0, c0, d0);
-        for i in 0..64 {
-            let (f, g) = match i / 16 {
-                0 => ((b & c) | (!b & d), i),
-                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
-                2 => (b ^ c ^ d, (3 * i + 5) % 16),
-                _ => (c ^ (b | !d), (7 * i) % 16),
-            };
-            let f = f.wrapping_add(a).wrapping_add(k[i]).wrapping_add(m[g]);
-            a = d;
-            d = c;
-            c = b;
-            b = b.wrapping_add(f.rotate_left(S[i]));
-        }
-        a0 = a0.wrapping_add(a);
-        b0 = b0.wrapping_add(b);
-        c0 = c0.wrapping_add(c);
-        d0 = d0.wrapping_add(d);
-    }
-    [a0, b0, c0, d0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    use md5::Digest as _;
+    hex::encode(md5::Md5::digest(data))
 }
 
 #[cfg(test)]
@@ -368,22 +243,20 @@ mod tests {
             .expect("asked")
             .expect("valid");
         assert_eq!(cb.method, Method::POST);
-        assert_eq!(cb.addr, "127.0.0.1:8080");
-        assert_eq!(cb.host_header, "127.0.0.1:8080");
-        assert_eq!(cb.target, "/hook?x=1");
+        assert_eq!(cb.url.as_str(), "http://127.0.0.1:8080/hook?x=1");
         let cb = from_data(&data(
             json!({"cb_url": "HTTP://example.org", "cb_method": "PUT"}),
         ))
         .expect("asked")
         .expect("valid");
         assert_eq!(
-            (cb.method, cb.addr.as_str(), cb.target.as_str()),
-            (Method::PUT, "example.org:80", "/")
+            (cb.method, cb.url.as_str()),
+            (Method::PUT, "http://example.org/")
         );
         let cb = from_data(&data(json!({"cb_url": "http://[::1]:9/a"})))
             .expect("asked")
             .expect("valid");
-        assert_eq!(cb.addr, "[::1]:9");
+        assert_eq!(cb.url.as_str(), "http://[::1]:9/a");
         for bad in [
             json!({"cb_url": "ftp://x/"}),
             json!({"cb_url": "http://"}),
@@ -417,6 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_reads_the_status_and_gives_up_in_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -437,7 +311,10 @@ mod tests {
                 .expect("answer");
             let got = String::from_utf8_lossy(&got).into_owned();
             assert!(got.starts_with("PUT /cb HTTP/1.1\r\n"), "{got}");
-            assert!(got.contains("Content-Length: 7\r\n"), "{got}");
+            assert!(
+                got.to_ascii_lowercase().contains("content-length: 7\r\n"),
+                "{got}"
+            );
             // A second client that never gets an answer.
             let (_silent, _) = listener.accept().await.expect("accept");
             tokio::time::sleep(Duration::from_secs(5)).await;
