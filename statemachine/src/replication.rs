@@ -1008,15 +1008,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// When the earliest periodic sync is due.
-    pub fn next_pair_due(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .scan_keys(CF_PAIRS_DUE, b"", 1)?
-            .first()
-            .and_then(|k| split_be_key(k))
-            .map(|(t, _)| t))
-    }
 }
 
 fn split_be_key(key: &[u8]) -> Option<(u64, String)> {
