@@ -820,16 +820,25 @@ async fn check_group_operation(
 
     // Each pair swapped exactly once: its writable copy on the expected host, the other
     // copy fenced on the other one, and the writable copy holds exactly the data written
-    // before the failovers.
-    let pairs = native(
-        c,
-        reqwest::Method::GET,
-        &format!("/drplane/v1/pairs?project={}", w.project),
-        None,
-        200,
-    )
-    .await?;
-    let pairs = pairs["pairs"].as_array().cloned().unwrap_or_default();
+    // before the failovers. After an unplanned failover each pair first fences its old
+    // primary (a `fenceOldPrimary` job, run as soon as that agent answers): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pairs = loop {
+        let doc = native(
+            c,
+            reqwest::Method::GET,
+            &format!("/drplane/v1/pairs?project={}", w.project),
+            None,
+            200,
+        )
+        .await?;
+        let pairs = doc["pairs"].as_array().cloned().unwrap_or_default();
+        let fencing = pairs.iter().any(|p| p["operation"] == "fence_old_primary");
+        if !fencing || Instant::now() > deadline {
+            break pairs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let (replica, on_h1) = if e.writable == "h1" {
         ("h2", true)
     } else {
