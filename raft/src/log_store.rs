@@ -121,6 +121,21 @@ impl LogStore {
     fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
         self.read_state(KEY_PURGED)
     }
+
+    /// The id of the last entry in the log (or of the last purged one when the log is
+    /// empty behind a snapshot): what a vote compares.
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let cf = self.cf(CF_LOGS)?;
+        let last = match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(any_err(e)))?;
+                Some(entry.log_id)
+            }
+            None => None,
+        };
+        Ok(last.or(self.last_purged()?))
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -165,19 +180,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id = self.last_purged()?;
-        let cf = self.cf(CF_LOGS)?;
-        let last = match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
-            Some(item) => {
-                let (_, v) = item.map_err(|e| StorageIOError::read_logs(any_err(e)))?;
-                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(any_err(e)))?;
-                Some(entry.log_id)
-            }
-            None => None,
-        };
         Ok(LogState {
-            last_purged_log_id,
-            last_log_id: last.or(last_purged_log_id),
+            last_purged_log_id: self.last_purged()?,
+            last_log_id: self.last_log_id()?,
         })
     }
 

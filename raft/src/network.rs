@@ -108,6 +108,7 @@ impl Channels {
             Method::Vote => client.vote(request).await,
             Method::InstallSnapshot => client.install_snapshot(request).await,
             Method::Forward => client.forward(request).await,
+            Method::PreVote => client.pre_vote(request).await,
         };
         match result {
             Ok(resp) => {
@@ -141,6 +142,7 @@ pub enum Method {
     Vote,
     InstallSnapshot,
     Forward,
+    PreVote,
 }
 
 /// openraft's network factory: one [`PeerClient`] per target.

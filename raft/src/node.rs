@@ -24,6 +24,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::election::{Contact, Elections, PreVoteRequest, PreVoteResponse, Timing};
 use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange, NodeError};
 use crate::log_store::LogStore;
 use crate::metrics::{counter, gauge, Metrics};
@@ -61,9 +62,10 @@ impl RaftNodeConfig {
             id,
             info,
             data_dir,
-            // openraft 0.9 starts an election only after the leader lease (= election max)
-            // plus a random election timeout have passed without a heartbeat: with these
-            // values a dead leader is replaced 270-360 ms after its last heartbeat.
+            // The election maximum is also openraft's leader lease: a member that heard
+            // from a leader within it refuses votes. `election.rs` starts a pre-vote once a
+            // lease plus a random 0..min/2 passed without contact: with these values a dead
+            // leader is replaced about 180-230 ms after its last heartbeat.
             heartbeat_ms: 40,
             election_timeout_min_ms: 90,
             election_timeout_max_ms: 180,
@@ -116,6 +118,7 @@ pub struct RaftNode {
     election_timeout_max_ms: u64,
     boot_ms: u64,
     next_request: AtomicU64,
+    elections: Arc<Elections>,
 }
 
 impl RaftNode {
@@ -146,6 +149,9 @@ impl RaftNode {
             max_payload_entries: 512,
             snapshot_max_chunk_size: 1 << 20,
             install_snapshot_timeout: 2000,
+            // Elections are started by `election.rs` after a pre-vote, not by openraft's
+            // per-process timer.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -158,6 +164,20 @@ impl RaftNode {
             .await
             .context("starting raft")?;
 
+        let elections = Arc::new(Elections {
+            id: cfg.id,
+            raft: raft.clone(),
+            log_store: log_store.clone(),
+            channels: channels.clone(),
+            contact: Contact::new(),
+            timing: Timing::from_config(
+                cfg.heartbeat_ms,
+                cfg.election_timeout_min_ms,
+                cfg.election_timeout_max_ms,
+            ),
+            pre_votes_granted: AtomicU64::new(0),
+            elections_started: AtomicU64::new(0),
+        });
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
         let node = Arc::new(RaftNode {
             id: cfg.id,
@@ -172,7 +192,9 @@ impl RaftNode {
             election_timeout_max_ms: cfg.election_timeout_max_ms,
             boot_ms: now_ms(),
             next_request: AtomicU64::new(0),
+            elections: elections.clone(),
         });
+        tokio::spawn(crate::election::drive(elections));
         tokio::spawn(run_batcher(raft.clone(), rx, metrics.clone()));
         tokio::spawn(watch_leader(raft, metrics));
         Ok(node)
@@ -180,6 +202,16 @@ impl RaftNode {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The leader's AppendEntries or InstallSnapshot was just accepted (see `election.rs`).
+    pub fn leader_contact(&self) {
+        self.elections.contact.touch();
+    }
+
+    /// Answer another member's pre-vote.
+    pub fn handle_pre_vote(&self, req: &PreVoteRequest) -> PreVoteResponse {
+        self.elections.handle_pre_vote(req)
     }
 
     fn metrics_now(&self) -> openraft::RaftMetrics<u64, NodeInfo> {
@@ -683,6 +715,19 @@ impl RaftNode {
                     "leader without a recent quorum acknowledgment".into(),
                 );
             }
+        } else {
+            // A follower keeps naming its last leader until another one wins, which
+            // pre-vote delays for as long as no quorum can elect one.
+            let quiet = self.elections.contact.quiet();
+            if quiet > self.elections.timing.lease {
+                return (
+                    false,
+                    format!(
+                        "no contact with leader node {leader} for {} ms",
+                        quiet.as_millis()
+                    ),
+                );
+            }
         }
         let applied = m.last_applied.map(|l| l.index);
         let committed = self.log_store.committed_index();
@@ -750,6 +795,18 @@ impl RaftNode {
             "drplane_raft_forwarded_total",
             "Requests this node forwarded to the leader.",
             self.metrics.forwarded.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "drplane_raft_elections_started_total",
+            "Elections this node started after a granted pre-vote.",
+            self.elections.elections_started.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "drplane_raft_pre_votes_granted_total",
+            "Pre-votes this node granted to another member.",
+            self.elections.pre_votes_granted.load(Ordering::Relaxed),
         );
         self.metrics.proposal_seconds.render(
             &mut out,

@@ -8,6 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use openraft::raft::AppendEntriesResponse;
+
+use crate::election::PreVoteRequest;
 use crate::forward::ForwardRequest;
 use crate::node::RaftNode;
 use crate::pb::raft_server::{Raft as RaftRpc, RaftServer};
@@ -39,6 +42,9 @@ impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode_req(request)?;
         let res = self.node.raft.append_entries(rpc).await;
+        if matches!(&res, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.node.leader_contact();
+        }
         encode_resp(&res)
     }
 
@@ -51,6 +57,9 @@ impl RaftRpc for RaftService {
     async fn install_snapshot(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode_req(request)?;
         let res = self.node.raft.install_snapshot(rpc).await;
+        if res.is_ok() {
+            self.node.leader_contact();
+        }
         encode_resp(&res)
     }
 
@@ -58,5 +67,10 @@ impl RaftRpc for RaftService {
         let req: ForwardRequest = decode_req(request)?;
         let res = self.node.handle_forward(req).await;
         encode_resp(&res)
+    }
+
+    async fn pre_vote(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req: PreVoteRequest = decode_req(request)?;
+        encode_resp(&self.node.handle_pre_vote(&req))
     }
 }
