@@ -2,6 +2,7 @@
 //!
 //! Release only, not run in CI:
 //!   cargo run --release -p drplane-agent --example sync_bench -- [--size-mib 1024] [--dir D]
+//!       [--rounds 5] [--inc-rounds 3] [--full-only]
 //!
 //! Both agents run in this process with their sync servers on 127.0.0.1 and their data
 //! directories on the same disk (under --dir, default the system temp dir). The source
@@ -14,6 +15,10 @@ use std::time::{Duration, Instant};
 use drplane_agent::{
     CancellationToken, Driver, FsConfig, FsDriver, SyncRequest, VolumeKind, VolumeSpec, WriteOp,
 };
+
+/// The allocator of the drplane binary, which runs the agents (node/src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const MIB: u64 = 1 << 20;
 
@@ -73,6 +78,19 @@ fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// The 1, 5 and 15-minute load averages: other work on the machine skews every figure.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
 fn mibps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
@@ -99,11 +117,24 @@ fn time_cp(src: &Path, dst: &Path, fsync: bool) -> std::io::Result<Duration> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut size = 1024 * MIB;
     let mut base: PathBuf = std::env::temp_dir();
+    let mut rounds = 5usize;
+    let mut inc_rounds = 3usize;
+    let mut full_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size-mib" => size = args.next().ok_or("--size-mib N")?.parse::<u64>()? * MIB,
             "--dir" => base = args.next().ok_or("--dir D")?.into(),
+            "--rounds" => rounds = args.next().ok_or("--rounds N")?.parse::<usize>()?.max(1),
+            "--inc-rounds" => {
+                inc_rounds = args
+                    .next()
+                    .ok_or("--inc-rounds N")?
+                    .parse::<usize>()?
+                    .max(1)
+            }
+            // Only the full syncs (no cp, no incremental syncs): for profiling.
+            "--full-only" => full_only = true,
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
@@ -111,9 +142,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .prefix("drplane-sync-bench")
         .tempdir_in(&base)?;
     println!(
-        "sync_bench: {} MiB image under {}",
+        "sync_bench: {} MiB image under {}; load average {}",
         size / MIB,
-        work.path().display()
+        work.path().display(),
+        loadavg()
     );
 
     let (p50, p99) = fdatasync_p50(work.path())?;
@@ -168,11 +200,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cp_sync = Vec::new();
     let mut full = Vec::new();
     let mut full_cpu = Vec::new();
-    for round in 0..3 {
-        cp.push(time_cp(&src, &cp_dst, false)?);
-        cp_sync.push(time_cp(&src, &cp_dst, true)?);
+    // Profiling aid: `perf record -D -1 --control fifo:F …` with SYNC_BENCH_PERF_CTL=F
+    // records the full syncs only.
+    let perf_ctl = |cmd: &str| {
+        if let Some(p) = std::env::var_os("SYNC_BENCH_PERF_CTL") {
+            if let Err(e) = std::fs::write(&p, format!("{cmd}\n")) {
+                eprintln!("perf control {}: {e}", Path::new(&p).display());
+            }
+        }
+    };
+    for round in 0..rounds {
+        if !full_only {
+            // Untimed: the copy's pages, freed again, are what the timed copies get. A
+            // full sync writes around the page cache and frees none, and on a VM fresh
+            // pages cost (the guest's freed memory goes back to the host): without this,
+            // `cp` after a sync takes up to 5 times as long, flattering the ratio.
+            time_cp(&src, &cp_dst, false)?;
+            cp.push(time_cp(&src, &cp_dst, false)?);
+            cp_sync.push(time_cp(&src, &cp_dst, true)?);
+        }
         let id = format!("full{round}");
         b.create_volume(&spec(&id, size, true)).await?;
+        perf_ctl("enable");
         let c0 = cpu_time();
         let st = b
             .sync_from(
@@ -183,34 +232,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
         full.push(st.elapsed);
         full_cpu.push(cpu_time() - c0);
+        perf_ctl("disable");
         b.delete_volume(&id).await?;
     }
+    if full_only {
+        for (t, c) in full.iter().zip(&full_cpu) {
+            println!(
+                "full sync: {:.3} s, {:.3} CPU-s",
+                t.as_secs_f64(),
+                c.as_secs_f64()
+            );
+        }
+        server.shutdown().await;
+        return Ok(());
+    }
+    let med = median;
     let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
-    let (cp, cp_sync, full, full_cpu) = (best(&cp), best(&cp_sync), best(&full), best(&full_cpu));
-    println!(
-        "cp:          {:>8.3} s  {:>7.0} MiB/s (page cache, no fsync)",
-        cp.as_secs_f64(),
-        mibps(size, cp)
+    println!("                median     best   ({rounds} rounds, each cp, cp + fsync, full sync)");
+    let row = |name: &str, v: &[Duration], what: &str| {
+        println!(
+            "{name:<14}{:>7.3} s {:>7.3} s {:>6.0} MiB/s (median) {what}",
+            med(v).as_secs_f64(),
+            best(v).as_secs_f64(),
+            mibps(size, med(v))
+        )
+    };
+    row("cp:", &cp, "(page cache, no fsync)");
+    row("cp + fsync:", &cp_sync, "");
+    row(
+        "fs full sync:",
+        &full,
+        "(hash both sides, gRPC, write, fsync, verify)",
     );
     println!(
-        "cp + fsync:  {:>8.3} s  {:>7.0} MiB/s",
-        cp_sync.as_secs_f64(),
-        mibps(size, cp_sync)
+        "  CPU for the full sync (both agents): {:.3} s user+sys (median), {:.2} cores busy",
+        med(&full_cpu).as_secs_f64(),
+        med(&full_cpu).as_secs_f64() / med(&full).as_secs_f64()
     );
     println!(
-        "fs full sync:{:>8.3} s  {:>7.0} MiB/s (hash both sides, gRPC, write, fsync, verify)",
-        full.as_secs_f64(),
-        mibps(size, full)
-    );
-    println!(
-        "  CPU for the full sync (both agents): {:.3} s user+sys, {:.2} cores busy",
-        full_cpu.as_secs_f64(),
-        full_cpu.as_secs_f64() / full.as_secs_f64()
-    );
-    println!(
-        "ratio fs sync / cp+fsync throughput: {:.2}   (/ cp without fsync: {:.2})",
-        cp_sync.as_secs_f64() / full.as_secs_f64(),
-        cp.as_secs_f64() / full.as_secs_f64()
+        "ratio fs sync / cp+fsync throughput: {:.2} (medians; best/best {:.2})   (/ cp without fsync: {:.2})",
+        med(&cp_sync).as_secs_f64() / med(&full).as_secs_f64(),
+        best(&cp_sync).as_secs_f64() / best(&full).as_secs_f64(),
+        med(&cp).as_secs_f64() / med(&full).as_secs_f64()
     );
 
     // Incremental syncs: a fixed cost (both sides read and hash the image) plus the
@@ -220,45 +283,59 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     b.sync_from(&req, None, CancellationToken::new()).await?;
     let blocks = size / MIB;
     println!(
-        "incremental syncs of a {} MiB image (1 MiB blocks):",
+        "incremental syncs of a {} MiB image (1 MiB blocks), median of {inc_rounds}:",
         size / MIB
+    );
+    // A full sync into a new copy writes around the page cache: the next sync reads the
+    // target's copy from disk.
+    let st = b.sync_from(&req, None, CancellationToken::new()).await?;
+    println!(
+        "  first sync after the full sync (target copy not cached): {:.3} s, {} bytes sent",
+        st.elapsed.as_secs_f64(),
+        st.bytes_sent
     );
     println!("  changed blocks   sent bytes      time     per changed MiB");
     let mut base_time = None;
-    for (round, changed) in [0u64, 1, blocks / 100, blocks / 10, blocks / 4]
-        .into_iter()
-        .enumerate()
-    {
-        for k in 0..changed {
-            let blk = (k * 7919) % blocks;
-            a.write(
-                "img",
-                WriteOp::At {
-                    offset: blk * MIB + 100,
-                    data: &((round as u64) << 32 | k).to_le_bytes(),
-                },
-            )
-            .await?;
+    let mut round = 0u64;
+    for changed in [0u64, 1, blocks / 100, blocks / 10, blocks / 4] {
+        let mut times = Vec::new();
+        let mut sent = (0, 0);
+        for _ in 0..inc_rounds {
+            round += 1;
+            for k in 0..changed {
+                let blk = (k * 7919 + round * 104_729) % blocks;
+                a.write(
+                    "img",
+                    WriteOp::At {
+                        offset: blk * MIB + 100,
+                        data: &(round << 32 | k).to_le_bytes(),
+                    },
+                )
+                .await?;
+            }
+            let st = b.sync_from(&req, None, CancellationToken::new()).await?;
+            times.push(st.elapsed);
+            sent = (st.blocks_sent, st.bytes_sent);
         }
-        let st = b.sync_from(&req, None, CancellationToken::new()).await?;
-        let t = st.elapsed;
+        let t = med(&times);
         let base: Duration = *base_time.get_or_insert(t);
-        let per = if st.blocks_sent > 0 {
+        let per = if sent.0 > 0 {
             format!(
                 "{:.2} ms",
-                (t.saturating_sub(base)).as_secs_f64() * 1e3 / st.blocks_sent as f64
+                (t.saturating_sub(base)).as_secs_f64() * 1e3 / sent.0 as f64
             )
         } else {
             "-".into()
         };
         println!(
             "  {:>6} ({:>5.1}%) {:>12} {:>9.3} s   {per}",
-            st.blocks_sent,
-            st.blocks_sent as f64 * 100.0 / blocks as f64,
-            st.bytes_sent,
+            sent.0,
+            sent.0 as f64 * 100.0 / blocks as f64,
+            sent.1,
             t.as_secs_f64()
         );
     }
+    println!("load average at the end: {}", loadavg());
     assert_eq!(a.checksum("img").await?, b.checksum("inc").await?);
     server.shutdown().await;
     Ok(())

@@ -16,6 +16,14 @@
 //!
 //! Both agents read their copy at the same time, so a sync costs about one pass over the
 //! image on each side plus the changed blocks on the wire.
+//!
+//! A full sync into a new image (the shadow file) is bound by CPU: both sides hash every
+//! block, and every byte crosses TCP. So block data is not copied on its way (`wire`:
+//! gRPC framed by hand, an HTTP/2 frame per block piece towards the target, the source's
+//! read buffers pooled), and the shadow file is written with O_DIRECT on its own I/O
+//! thread (`ShadowFile`), leaving no page cache to fill and nothing for the fsync.
+
+mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,8 +33,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures::Stream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -36,7 +44,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::digest::{self, FileDigester, Hash};
 use crate::driver::*;
-use crate::fs::{self, blocking, CrashPoint, FsInner, Vol};
+use crate::fs::{self, blocking, AlignedBuf, CrashPoint, FsInner, Vol, DIRECT_ALIGN};
 use crate::journal::{self, sync_dir, JournalHeader, JournalWriter};
 use crate::manifest::{self, Entry, EntryKind};
 use crate::proto;
@@ -46,7 +54,9 @@ use crate::proto::{source_msg, target_msg, SourceMsg, TargetMsg};
 
 const MAX_MESSAGE: usize = 64 << 20;
 const MANIFEST_BATCH: usize = 1000;
-const HASH_BATCH: usize = 2048;
+/// Target hashes per `FileSums`: small enough that the source compares while the target
+/// is still hashing (64 MiB of 1 MiB blocks), not after it hashed the whole file.
+const HASH_BATCH: usize = 64;
 const SCANNED_EVERY: u64 = 4 << 20;
 /// Block pieces per message when a bwlimit is set: the pacing granularity.
 pub const PACED_CHUNK: u32 = 64 << 10;
@@ -68,12 +78,16 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
         .local_addr()
         .ctx(|| "sync server address".to_string())?;
     let stop = CancellationToken::new();
-    let svc = BlockSyncServer::new(Service {
+    let svc = Arc::new(Service {
         inner,
         stop: stop.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
+    });
+    let router = SyncRouter {
+        grpc: BlockSyncServer::from_arc(svc.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        svc,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let stop2 = stop.clone();
     let mut builder = tonic::transport::Server::builder();
@@ -90,7 +104,17 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
-        .add_service(svc);
+        .add_service(router);
+    // The server's `tcp_nodelay` applies only to listeners it binds itself: without
+    // TCP_NODELAY a response's small frames wait out the target's delayed ACK (40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            if let Err(e) = s.set_nodelay(true) {
+                debug!(error = %e, "TCP_NODELAY on a sync connection");
+            }
+        }
+        s
+    });
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = rx.await;
@@ -98,7 +122,7 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
             stop2.cancel();
         };
         if let Err(e) = server
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
         {
             warn!(error = %e, "sync server stopped");
@@ -126,15 +150,63 @@ fn status(e: DriverError) -> Status {
 
 type SourceStream = Pin<Box<dyn Stream<Item = Result<SourceMsg, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl BlockSync for Service {
-    type SyncStream = SourceStream;
+/// The sync server's routes: `Sync` through [`wire`] (block data not copied), everything
+/// else (`Digest`) through tonic's generated server.
+#[derive(Clone)]
+struct SyncRouter {
+    svc: Arc<Service>,
+    grpc: BlockSyncServer<Service>,
+}
 
-    async fn sync(
+impl tonic::server::NamedService for SyncRouter {
+    const NAME: &'static str = proto::block_sync_server::SERVICE_NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::BoxBody>> for SyncRouter {
+    type Response = http::Response<tonic::body::BoxBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<Self::Response, Self::Error>>
+                + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::BoxBody>) -> Self::Future {
+        if req.uri().path() != wire::SYNC_PATH {
+            let mut grpc = self.grpc.clone();
+            return Box::pin(async move { grpc.call(req).await });
+        }
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            use tonic::codec::Codec;
+            let inbound = tonic::Streaming::new_request(
+                tonic::codec::ProstCodec::<SourceMsg, TargetMsg>::default().decoder(),
+                req.into_body(),
+                None,
+                Some(MAX_MESSAGE),
+            );
+            Ok(match svc.start(inbound).await {
+                Ok(rx) => wire::source_response(rx),
+                Err(s) => s.into_http(),
+            })
+        })
+    }
+}
+
+impl Service {
+    /// Begin serving a sync: the messages for the target, as the reading thread makes them.
+    async fn start(
         &self,
-        request: Request<tonic::Streaming<TargetMsg>>,
-    ) -> Result<Response<Self::SyncStream>, Status> {
-        let mut inbound = request.into_inner();
+        mut inbound: tonic::Streaming<TargetMsg>,
+    ) -> Result<mpsc::Receiver<Result<SourceMsg, Status>>, Status> {
         let begin = match inbound.message().await? {
             Some(TargetMsg {
                 msg: Some(target_msg::Msg::Begin(b)),
@@ -204,7 +276,21 @@ impl BlockSync for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(out_rx)
+    }
+}
+
+#[tonic::async_trait]
+impl BlockSync for Service {
+    type SyncStream = SourceStream;
+
+    /// Served by [`SyncRouter`] through [`wire`]; this is tonic's way to the same stream.
+    async fn sync(
+        &self,
+        request: Request<tonic::Streaming<TargetMsg>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let rx = self.start(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn digest(
@@ -361,7 +447,7 @@ impl SourceJob {
             (self.bwlimit > 0).then(|| TokenBucket::new(self.bwlimit, self.chunk as u64));
         let root = self.vol.data_path();
         let mut digests = vec![Digest::default(); self.entries.len()];
-        let mut arena = BytesMut::with_capacity(8 * bs as usize);
+        let pool = BufPool::default();
         let mut done: u64 = 0;
         let mut reported: u64 = 0;
         for (i, e) in self.entries.iter().enumerate() {
@@ -371,7 +457,7 @@ impl SourceJob {
             let mut theirs = TargetHashes::default();
             let path =
                 manifest::safe_join(&root, &e.path).map_err(|e| Status::internal(e.to_string()))?;
-            let f = manifest::open_nofollow(&path)
+            let f = manifest::open_sequential(&path)
                 .map_err(|err| Status::internal(format!("open {}: {err}", path.display())))?;
             let mut d = FileDigester::new(e.size, bs);
             let n = digest::block_count(e.size, bs);
@@ -381,11 +467,8 @@ impl SourceJob {
                     return Err(Status::unavailable("the source agent is shutting down"));
                 }
                 let len = digest::block_len(e.size, bs, j);
-                // Blocks are cut from one arena: once the pieces sent from it are gone,
-                // `reserve` reuses the memory instead of faulting in fresh pages.
-                arena.reserve(len);
-                arena.resize(len, 0);
-                f.read_exact_at(&mut arena[..len], j * bs as u64)
+                let mut mem = pool.get(bs as usize);
+                f.read_exact_at(&mut mem.space()[..len], j * bs as u64)
                     .map_err(|err| {
                         if err.kind() == std::io::ErrorKind::UnexpectedEof {
                             Status::aborted(format!("{} shrank during the sync", path.display()))
@@ -393,7 +476,11 @@ impl SourceJob {
                             Status::internal(format!("read {}: {err}", path.display()))
                         }
                     })?;
-                let buf = arena.split_to(len);
+                mem.set_len(len);
+                let buf = Bytes::from_owner(Pooled {
+                    mem,
+                    pool: pool.clone(),
+                });
                 let h = digest::block_hash(&buf);
                 d.push(&h);
                 let same = match theirs.get(i as u32, j, sums)? {
@@ -402,7 +489,7 @@ impl SourceJob {
                     TargetHash::Missing => false,
                 };
                 if !same {
-                    let data = buf.freeze();
+                    let data = buf;
                     let mut off = 0usize;
                     while off < len {
                         let end = (off + self.chunk as usize).min(len);
@@ -464,6 +551,49 @@ impl SourceJob {
         };
         self.send(out, source_msg::Msg::Trailer(trailer), &mut c)?;
         Ok(c)
+    }
+}
+
+/// Read buffers of the source, each back in the pool once the last piece sent from it is
+/// gone: no fresh pages to fault in and no zeroing for every block.
+#[derive(Clone, Default)]
+struct BufPool(Arc<std::sync::Mutex<Vec<AlignedBuf>>>);
+
+/// Buffers kept for reuse: what is in flight between the reading thread and the socket.
+const POOLED: usize = 16;
+
+impl BufPool {
+    fn get(&self, cap: usize) -> AlignedBuf {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut free| free.pop())
+            .filter(|b| b.room() >= cap)
+            .unwrap_or_else(|| AlignedBuf::new(cap))
+    }
+}
+
+/// A block read into a pooled buffer, owned by the `Bytes` sent.
+struct Pooled {
+    mem: AlignedBuf,
+    pool: BufPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        self.mem.filled()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.pool.0.lock() {
+            if free.len() < POOLED {
+                let mut m = std::mem::replace(&mut self.mem, AlignedBuf::new(0));
+                m.clear();
+                free.push(m);
+            }
+        }
     }
 }
 
@@ -568,23 +698,8 @@ fn from_status(endpoint: &str, s: &Status) -> DriverError {
 pub(crate) async fn connect(
     endpoint: &str,
     tls: Option<&crate::tls::AgentTls>,
-) -> Result<BlockSyncClient<tonic::transport::Channel>> {
-    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| DriverError::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
-    if let Some(tls) = tls {
-        ep = ep
-            .tls_config(tls.client())
-            .map_err(|e| DriverError::InvalidArgument(format!("TLS for {endpoint}: {e}")))?;
-    }
-    let ep = ep
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20));
-    let ch = ep.connect().await.map_err(|e| remote(endpoint, e))?;
-    Ok(BlockSyncClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+) -> Result<wire::SyncChannel> {
+    wire::connect(endpoint, tls).await
 }
 
 /// The digest of a volume on another agent.
@@ -593,7 +708,9 @@ pub async fn remote_digest(
     volume: &str,
     tls: Option<&crate::tls::AgentTls>,
 ) -> Result<Digest> {
-    let mut c = connect(endpoint, tls).await?;
+    let mut c = BlockSyncClient::new(connect(endpoint, tls).await?)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let r = c
         .digest(proto::DigestRequest {
             volume: volume.to_string(),
@@ -612,7 +729,7 @@ fn digest_from(b: &[u8]) -> Option<Digest> {
 
 async fn next(
     endpoint: &str,
-    inbound: &mut tonic::Streaming<SourceMsg>,
+    inbound: &mut wire::SourceStream,
     cancel: &CancellationToken,
     bytes: &mut u64,
 ) -> Result<source_msg::Msg> {
@@ -682,7 +799,7 @@ pub(crate) async fn pull(
         .await
         .map_err(|_| remote(endpoint, "request stream closed"))?;
     let mut inbound = tokio::select! {
-        r = client.sync(ReceiverStream::new(req_rx)) => r.map_err(|s| from_status(endpoint, &s))?.into_inner(),
+        r = wire::open_sync(&mut client, req_rx, MAX_MESSAGE) => r.map_err(|s| from_status(endpoint, &s))?,
         _ = cancel.cancelled() => return Err(DriverError::Cancelled),
     };
     let mut wire: u64 = 0;
@@ -925,7 +1042,7 @@ fn scan(
             });
             continue;
         };
-        let f = manifest::open_nofollow(&path).ctx(|| format!("open {}", path.display()))?;
+        let f = manifest::open_sequential(&path).ctx(|| format!("open {}", path.display()))?;
         // Only blocks the source also has matter.
         let n = digest::block_count(their_len, bs).min(digest::block_count(e.size, bs));
         let mut hashes = Vec::with_capacity(n as usize);
@@ -965,7 +1082,220 @@ fn scan(
 
 enum Sink {
     Journal(Option<Box<JournalWriter>>),
-    Shadow(std::fs::File),
+    Shadow(ShadowFile),
+}
+
+/// Bytes per O_DIRECT write, and buffers in flight between the writer and its I/O thread.
+const DIRECT_BUF: usize = 4 << 20;
+const DIRECT_BUFS: usize = 3;
+
+/// One filled buffer and where it goes.
+struct DirectWrite {
+    buf: AlignedBuf,
+    offset: u64,
+}
+
+/// The new copy of an image for an empty target (`data.sync-new`). Block data goes to
+/// disk with O_DIRECT in large aligned writes on an I/O thread, in parallel with receiving
+/// and hashing: no page cache to fill on the way and nothing left to write back at the
+/// fsync, as with a copy tool. The unaligned tail of a file, and everything on a
+/// filesystem without O_DIRECT, go through the page cache.
+struct ShadowFile {
+    file: std::fs::File,
+    direct: Option<DirectPipe>,
+}
+
+struct DirectPipe {
+    /// The buffer being filled and the file offset of its first byte.
+    cur: Option<DirectWrite>,
+    to_io: Option<std::sync::mpsc::SyncSender<DirectWrite>>,
+    free: std::sync::mpsc::Receiver<AlignedBuf>,
+    io: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ShadowFile {
+    fn new(file: std::fs::File, path: &std::path::Path) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(d) => Some(DirectPipe::start(
+                d,
+                file.try_clone()
+                    .ctx(|| format!("reopen {}", path.display()))?,
+            )?),
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "no O_DIRECT: writing through the page cache");
+                None
+            }
+        };
+        Ok(ShadowFile { file, direct })
+    }
+
+    fn put(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match &mut self.direct {
+            // Page-aligned (`DIRECT_ALIGN` is a power of two), or where the buffer ends.
+            Some(d) if offset & (DIRECT_ALIGN as u64 - 1) == 0 || d.continues(offset) => {
+                d.put(offset, data)
+            }
+            Some(d) => {
+                // Never happens with whole blocks in order; keep it correct regardless.
+                d.flush()?;
+                self.file
+                    .write_all_at(data, offset)
+                    .ctx(|| "write the new copy".to_string())
+            }
+            None => self
+                .file
+                .write_all_at(data, offset)
+                .ctx(|| "write the new copy".to_string()),
+        }
+    }
+
+    /// Write what is buffered, wait for the I/O thread, and make the file durable.
+    fn finish(mut self, path: &std::path::Path) -> Result<std::fs::File> {
+        if let Some(d) = self.direct.take() {
+            d.finish()?;
+        }
+        self.file
+            .sync_all()
+            .ctx(|| format!("sync {}", path.display()))?;
+        Ok(self.file)
+    }
+}
+
+impl DirectPipe {
+    fn start(direct: std::fs::File, buffered: std::fs::File) -> Result<Self> {
+        let (to_io, from_writer) = std::sync::mpsc::sync_channel::<DirectWrite>(DIRECT_BUFS);
+        let (give_back, free) = std::sync::mpsc::channel::<AlignedBuf>();
+        for _ in 0..DIRECT_BUFS {
+            let _ = give_back.send(AlignedBuf::new(DIRECT_BUF));
+        }
+        let span = tracing::Span::current();
+        let io = std::thread::Builder::new()
+            .name("drplane-sync-io".into())
+            .spawn(move || {
+                let _e = span.enter();
+                let mut use_direct = true;
+                for mut w in from_writer {
+                    let data = w.buf.filled();
+                    // Whole sectors with O_DIRECT; a short tail (end of file) buffered.
+                    let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+                    let mut done = 0;
+                    if use_direct && aligned > 0 {
+                        match direct.write_all_at(&data[..aligned], w.offset) {
+                            Ok(()) => done = aligned,
+                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                                debug!(error = %e, "O_DIRECT refused: writing through the page cache");
+                                use_direct = false;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if done < data.len() {
+                        buffered.write_all_at(&data[done..], w.offset + done as u64)?;
+                    }
+                    w.buf.clear();
+                    if give_back.send(w.buf).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+            .ctx(|| "start the sync I/O thread".to_string())?;
+        Ok(DirectPipe {
+            cur: None,
+            to_io: Some(to_io),
+            free,
+            io: Some(io),
+        })
+    }
+
+    fn continues(&self, offset: u64) -> bool {
+        self.cur
+            .as_ref()
+            .is_some_and(|c| c.offset + c.buf.len() as u64 == offset)
+    }
+
+    fn put(&mut self, mut offset: u64, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let fits = self
+                .cur
+                .as_ref()
+                .is_some_and(|c| c.offset + c.buf.len() as u64 == offset && c.buf.room() > 0);
+            if !fits {
+                self.flush()?;
+                let buf = match self.free.recv() {
+                    Ok(b) => b,
+                    Err(_) => return Err(self.io_error()),
+                };
+                self.cur = Some(DirectWrite { buf, offset });
+            }
+            let Some(c) = self.cur.as_mut() else {
+                return Err(DriverError::Corrupt("sync buffer missing".into()));
+            };
+            let n = c.buf.room().min(data.len());
+            c.buf.extend(&data[..n]);
+            data = &data[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hand the buffer being filled to the I/O thread.
+    fn flush(&mut self) -> Result<()> {
+        if let Some(w) = self.cur.take() {
+            if w.buf.is_empty() {
+                return Ok(());
+            }
+            let sent = self.to_io.as_ref().is_some_and(|t| t.send(w).is_ok());
+            if !sent {
+                return Err(self.io_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// The I/O thread stopped early: its error.
+    fn io_error(&mut self) -> DriverError {
+        self.to_io = None;
+        match self.io.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => DriverError::io("write the new copy", e),
+            Some(Err(_)) => DriverError::io(
+                "write the new copy",
+                std::io::Error::other("the sync I/O thread panicked"),
+            ),
+            _ => DriverError::io(
+                "write the new copy",
+                std::io::Error::other("the sync I/O thread stopped"),
+            ),
+        }
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.flush()?;
+        self.to_io = None;
+        match self.io.take().map(|h| h.join()) {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(DriverError::io("write the new copy", e)),
+            Some(Err(_)) => Err(DriverError::io(
+                "write the new copy",
+                std::io::Error::other("the sync I/O thread panicked"),
+            )),
+        }
+    }
+}
+
+impl Drop for DirectPipe {
+    fn drop(&mut self) {
+        // An abandoned sync: let the I/O thread finish what it has, then end.
+        self.to_io = None;
+        if let Some(h) = self.io.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 struct Writer {
@@ -1026,7 +1356,7 @@ impl Writer {
             if self.vol.meta().reserved {
                 fs::fallocate_file(&f, size).ctx(|| format!("reserve {}", p.display()))?;
             }
-            self.sink = Some(Sink::Shadow(f));
+            self.sink = Some(Sink::Shadow(ShadowFile::new(f, &p)?));
         } else {
             let header = JournalHeader {
                 kind: self.kind,
@@ -1043,9 +1373,7 @@ impl Writer {
 
     fn put(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<()> {
         match &mut self.sink {
-            Some(Sink::Shadow(f)) => f
-                .write_all_at(data, offset)
-                .ctx(|| "write the new copy".to_string()),
+            Some(Sink::Shadow(f)) => f.put(offset, data),
             Some(Sink::Journal(Some(j))) => j.append(file, offset, data),
             _ => Err(DriverError::Corrupt("sync sink closed".into())),
         }
@@ -1261,8 +1589,7 @@ impl Writer {
         match self.sink.take() {
             Some(Sink::Shadow(f)) => {
                 let shadow = vol.shadow_path();
-                f.sync_all().ctx(|| format!("sync {}", shadow.display()))?;
-                drop(f);
+                drop(f.finish(&shadow)?);
                 // Keep the image's permissions (fenced: read-only).
                 if let Ok(m) = std::fs::metadata(&data) {
                     std::fs::set_permissions(&shadow, m.permissions())
@@ -1320,5 +1647,69 @@ impl Writer {
             }
             _ => Err(DriverError::Corrupt("sync sink missing".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces as the writer gets them: whole blocks in order with gaps (zero blocks are
+    /// not sent), a block cut in pieces, a short last block.
+    fn write_pieces(direct: bool) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("data.sync-new");
+        let bs = 1usize << 20;
+        let size = 9 * bs + 1234;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .expect("create");
+        f.set_len(size as u64).expect("size");
+        let mut s = if direct {
+            ShadowFile::new(f, &p).expect("shadow file")
+        } else {
+            ShadowFile {
+                file: f,
+                direct: None,
+            }
+        };
+        let mut want = vec![0u8; size];
+        let mut x = 7u32;
+        for (i, b) in want.iter_mut().enumerate() {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            // Blocks 2 and 5 stay zeros: never written.
+            if i / bs != 2 && i / bs != 5 {
+                *b = (x >> 16) as u8;
+            }
+        }
+        for blk in [0usize, 1, 3, 4, 6, 7, 8, 9] {
+            let start = blk * bs;
+            let end = (start + bs).min(size);
+            // Block 4 in three pieces, the others whole.
+            let cuts: Vec<usize> = if blk == 4 {
+                vec![start, start + 4096, start + 300_000, end]
+            } else {
+                vec![start, end]
+            };
+            for w in cuts.windows(2) {
+                s.put(w[0] as u64, &want[w[0]..w[1]]).expect("put");
+            }
+        }
+        drop(s.finish(&p).expect("finish"));
+        assert_eq!(std::fs::read(&p).expect("read back"), want);
+    }
+
+    #[test]
+    fn shadow_file_writes_with_o_direct() {
+        write_pieces(true);
+    }
+
+    #[test]
+    fn shadow_file_writes_through_the_page_cache() {
+        write_pieces(false);
     }
 }

@@ -736,7 +736,7 @@ impl FsInner {
                 continue;
             }
             let path = safe_join(&root, &e.path)?;
-            let f = manifest::open_nofollow(&path).ctx(|| format!("open {}", path.display()))?;
+            let f = manifest::open_sequential(&path).ctx(|| format!("open {}", path.display()))?;
             let mut d = FileDigester::new(e.size, block_size);
             for j in 0..digest::block_count(e.size, block_size) {
                 let len = digest::block_len(e.size, block_size, j);
@@ -1095,6 +1095,77 @@ pub(crate) fn has_data(p: &Path) -> Result<bool> {
     }
     let err = std::io::Error::last_os_error();
     Ok(err.raw_os_error() != Some(libc::ENXIO))
+}
+
+// ---------------------------------------------------------------- O_DIRECT buffers
+
+/// Alignment of O_DIRECT buffers, offsets and lengths (512 and 4096-byte sectors alike).
+pub(crate) const DIRECT_ALIGN: usize = 4096;
+
+/// A page-aligned buffer (O_DIRECT needs aligned memory), carved from a `Vec`.
+pub(crate) struct AlignedBuf {
+    mem: Vec<u8>,
+    start: usize,
+    cap: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Room for `cap` bytes rounded up to [`DIRECT_ALIGN`] (none for 0: no allocation).
+    pub(crate) fn new(cap: usize) -> Self {
+        if cap == 0 {
+            return AlignedBuf {
+                mem: Vec::new(),
+                start: 0,
+                cap: 0,
+                len: 0,
+            };
+        }
+        let cap = cap.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mem = vec![0u8; cap + DIRECT_ALIGN];
+        let start = mem.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBuf {
+            mem,
+            start,
+            cap,
+            len: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn room(&self) -> usize {
+        self.cap - self.len
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub(crate) fn extend(&mut self, data: &[u8]) {
+        let at = self.start + self.len;
+        self.mem[at..at + data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    pub(crate) fn filled(&self) -> &[u8] {
+        &self.mem[self.start..self.start + self.len]
+    }
+
+    /// The whole buffer, to read into; then [`AlignedBuf::set_len`].
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start..self.start + self.cap]
+    }
+
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.cap);
+    }
 }
 
 // ---------------------------------------------------------------- the trait

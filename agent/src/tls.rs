@@ -34,6 +34,12 @@ impl AgentTls {
         }
     }
 
+    /// The CA, this agent's certificate and its key (PEM), for the block-sync client's
+    /// own HTTP/2 connection (blocksync/wire.rs).
+    pub(crate) fn pems(&self) -> (&[u8], &[u8], &[u8]) {
+        (&self.ca_pem, &self.cert_pem, &self.key_pem)
+    }
+
     /// Client side: trust only the cluster CA, present this agent's certificate.
     pub fn client(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
