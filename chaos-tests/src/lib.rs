@@ -25,6 +25,18 @@ pub mod linearizability;
 pub mod net;
 pub mod workload;
 
+/// Raft timing for tests that watch terms and leaders: slower elections than the product's
+/// defaults (heartbeat 60 ms, elections 300–600 ms), because several clusters share two
+/// cores in CI and a debug build under load must not see spurious elections.
+pub const SLOW_ELECTIONS: &[&str] = &[
+    "--heartbeat-ms",
+    "60",
+    "--election-min-ms",
+    "300",
+    "--election-max-ms",
+    "600",
+];
+
 /// The `drplane` binary: `$DRPLANE_BIN`, or the one cargo built next to this test binary,
 /// pinned for the life of this process (see [`pin_binary`]).
 pub fn drplane_bin() -> anyhow::Result<PathBuf> {

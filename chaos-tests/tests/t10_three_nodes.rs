@@ -7,16 +7,8 @@ use std::time::{Duration, Instant};
 use chaos_tests::Cluster;
 use serde_json::json;
 
-/// Slightly slower elections than production defaults: several clusters share two cores
-/// in CI, and a debug build under load must not see spurious elections.
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 async fn create_site(c: &Cluster, via: u64, name: &str) -> anyhow::Result<chaos_tests::Reply> {
     c.post(

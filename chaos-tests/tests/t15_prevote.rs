@@ -10,16 +10,8 @@ use chaos_tests::net::Net;
 use chaos_tests::Cluster;
 use serde_json::{json, Value};
 
-/// Slower than the defaults: several clusters share two cores in CI, and a spurious
-/// election under load would change the term this test watches.
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 async fn term_and_leader(c: &Cluster, id: u64) -> anyhow::Result<(u64, Option<u64>)> {
     let r = c.get(id, "/drplane/v1/cluster?consistency=stale").await?;

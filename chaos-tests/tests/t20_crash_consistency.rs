@@ -15,14 +15,8 @@ use chaos_tests::Cluster;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 fn name(i: u64) -> String {
     format!("w-{i:05}")

@@ -7,14 +7,8 @@ use std::time::{Duration, Instant};
 use chaos_tests::{cli, Cluster};
 use serde_json::{json, Value};
 
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 fn members(json_text: &str) -> anyhow::Result<Vec<Value>> {
     let v: Value = serde_json::from_str(json_text)?;

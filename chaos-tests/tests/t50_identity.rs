@@ -7,14 +7,8 @@ use std::time::Duration;
 use chaos_tests::{cli, cli_env, Cluster, Reply, ADMIN_PASSWORD};
 use serde_json::{json, Value};
 
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 async fn with_token(
     c: &Cluster,

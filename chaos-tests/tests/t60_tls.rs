@@ -13,15 +13,8 @@ use chaos_tests::{drplane_bin, free_port, https_client, Cluster, NodeTls, TestPk
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// As in t10: slower elections than the defaults, for two shared cores.
-const TIMING: &[&str] = &[
-    "--heartbeat-ms",
-    "60",
-    "--election-min-ms",
-    "300",
-    "--election-max-ms",
-    "600",
-];
+/// Slower elections for CI: see [`chaos_tests::SLOW_ELECTIONS`].
+const TIMING: &[&str] = chaos_tests::SLOW_ELECTIONS;
 
 /// Open a TLS connection to a raft (gRPC) port presenting `client`'s certificate, send the
 /// HTTP/2 preface and an empty SETTINGS frame, and report whether the server answered
