@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod service;
+pub mod snapshot_data;
 pub mod state_machine;
 
 pub mod pb {
@@ -23,7 +24,6 @@ pub mod pb {
 }
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +62,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapshot_data::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

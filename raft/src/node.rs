@@ -128,8 +128,7 @@ impl RaftNode {
         use anyhow::Context;
         let log_dir = cfg.data_dir.join("raft-log");
         let sm_dir = cfg.data_dir.join("state");
-        let snap_dir = cfg.data_dir.join("snapshot");
-        for d in [&log_dir, &sm_dir, &snap_dir] {
+        for d in [&log_dir, &sm_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let metrics = Arc::new(Metrics::default());
@@ -137,7 +136,18 @@ impl RaftNode {
             .with_context(|| format!("opening raft log in {}", log_dir.display()))?;
         let store = Store::open(&sm_dir)
             .with_context(|| format!("opening state in {}", sm_dir.display()))?;
-        let sm = StateMachine::new(store.clone(), &snap_dir).context("opening state machine")?;
+        let sm = StateMachine::new(store.clone()).context("opening state machine")?;
+        // Earlier builds kept a copy of the state in `snapshot/snapshot.bin`; snapshots
+        // are exported from the store now, so the copy is only wasted disk.
+        let legacy = cfg.data_dir.join("snapshot");
+        if legacy.exists() {
+            match std::fs::remove_dir_all(&legacy) {
+                Ok(()) => tracing::info!(dir = %legacy.display(), "removed the old snapshot copy"),
+                Err(e) => {
+                    tracing::warn!(dir = %legacy.display(), error = %e, "could not remove the old snapshot copy")
+                }
+            }
+        }
 
         let config = openraft::Config {
             cluster_name: "drplane".into(),

@@ -2,22 +2,26 @@
 //!
 //! Each entry is applied with its own write batch that also records the applied meta
 //! (last-applied log id and last membership), so the store is always at an entry boundary.
-//! Snapshots are consistent RocksDB snapshots of every column family; the current one is
-//! kept in `snapshot.bin` (written to a temporary file, synced, renamed) so a restarted node
-//! can serve it without rebuilding.
+//!
+//! Snapshots are not copied into files. The store already lives in RocksDB on disk, so
+//! building a snapshot (every `snapshot_logs` entries) only syncs the store's WAL and
+//! records the applied point: the log behind it can then be purged. The bytes are exported
+//! from a consistent RocksDB snapshot, on a blocking thread, only when openraft asks for
+//! the current snapshot to send to a lagging follower. (Serialising and fsyncing the whole
+//! state at every build cost every node a 111 MB write at once after 20,000 entries and
+//! showed as the 256-connection p99 tail.)
 
-use std::io::Cursor;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use drplane_statemachine::codec::{decode, encode};
 use drplane_statemachine::Store;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::oneshot;
 
+use crate::snapshot_data::SnapshotData;
 use crate::{any_err, Applied, LogId, NodeInfo, StorageError, StoredMembership, TypeConfig};
 
 /// What the adapter writes beside every applied entry.
@@ -27,24 +31,21 @@ struct AppliedMeta {
     membership: StoredMembership,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, NodeInfo>,
-    data: Vec<u8>,
-}
+type Meta = SnapshotMeta<u64, NodeInfo>;
 
 /// The state machine as openraft sees it.
 pub struct StateMachine {
     store: Store,
     meta: AppliedMeta,
-    snapshot_path: PathBuf,
-    current: Arc<Mutex<Option<Arc<StoredSnapshot>>>>,
+    /// The last snapshot point built or installed (none until the first).
+    current: Arc<Mutex<Option<Meta>>>,
     snapshot_seq: Arc<AtomicU64>,
 }
 
 impl StateMachine {
-    /// Wrap `store`; the current snapshot lives in `snapshot_dir/snapshot.bin`.
-    pub fn new(store: Store, snapshot_dir: &Path) -> Result<Self, StorageError> {
+    /// Wrap `store`. Until a snapshot is built or installed there is no current snapshot;
+    /// after a restart openraft builds one at once if the log was purged.
+    pub fn new(store: Store) -> Result<Self, StorageError> {
         let meta = match store
             .applied_meta()
             .map_err(|e| StorageIOError::read_state_machine(any_err(e)))?
@@ -52,21 +53,10 @@ impl StateMachine {
             Some(b) => decode(&b).map_err(|e| StorageIOError::read_state_machine(any_err(e)))?,
             None => AppliedMeta::default(),
         };
-        let snapshot_path = snapshot_dir.join("snapshot.bin");
-        let current = match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                Some(Arc::new(decode::<StoredSnapshot>(&bytes).map_err(|e| {
-                    StorageIOError::read_snapshot(None, any_err(e))
-                })?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(StorageIOError::read_snapshot(None, any_err(e)).into()),
-        };
         Ok(StateMachine {
             store,
             meta,
-            snapshot_path,
-            current: Arc::new(Mutex::new(current)),
+            current: Arc::new(Mutex::new(None)),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -76,37 +66,41 @@ impl StateMachine {
     }
 }
 
-/// Write `bytes` to `path` atomically and durably.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+fn snapshot_id(last: &Option<LogId>, seq: u64) -> String {
+    match last {
+        Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, seq),
+        None => format!("0-0-{seq}"),
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
-/// Builds a snapshot from a consistent view of the store.
+/// Make `meta` the current snapshot point unless a later one is already there (a build
+/// and an install may finish in either order).
+fn set_current(current: &Mutex<Option<Meta>>, meta: &Meta) {
+    let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
+    if cur
+        .as_ref()
+        .is_none_or(|c| c.last_log_id <= meta.last_log_id)
+    {
+        *cur = Some(meta.clone());
+    }
+}
+
+/// Fixes a snapshot point: the applied meta, made durable.
 pub struct SnapshotBuilder {
     store: Store,
-    snapshot_path: PathBuf,
-    current: Arc<Mutex<Option<Arc<StoredSnapshot>>>>,
+    current: Arc<Mutex<Option<Meta>>>,
     seq: u64,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let store = self.store.clone();
-        let (data, meta_bytes) = tokio::task::spawn_blocking(move || {
-            // Everything applied so far becomes durable before the log behind it is purged.
+        let meta_bytes = tokio::task::spawn_blocking(move || {
+            // Read the point first, then sync the WAL: everything up to the point is then
+            // durable, and openraft may purge the log behind it.
+            let meta = store.applied_meta()?;
             store.flush_durable()?;
-            store.export_snapshot()
+            Ok::<_, drplane_statemachine::StoreError>(meta)
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, any_err(e)))?
@@ -115,31 +109,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(b) => decode(&b).map_err(|e| StorageIOError::write_snapshot(None, any_err(e)))?,
             None => AppliedMeta::default(),
         };
-        let snapshot_id = match &applied.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
-            None => format!("0-0-{}", self.seq),
-        };
         let meta = SnapshotMeta {
+            snapshot_id: snapshot_id(&applied.last_applied, self.seq),
             last_log_id: applied.last_applied,
             last_membership: applied.membership,
-            snapshot_id,
         };
-        let stored = Arc::new(StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        });
-        let bytes = encode(&*stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any_err(e)))?;
-        let path = self.snapshot_path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any_err(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any_err(e)))?;
-        *self.current.lock().await = Some(stored.clone());
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
+        set_current(&self.current, &meta);
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot point built");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(stored.data.clone())),
+            snapshot: Box::new(SnapshotData::meta_only()),
         })
     }
 }
@@ -181,59 +160,107 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             store: self.store.clone(),
-            snapshot_path: self.snapshot_path.clone(),
             current: self.current.clone(),
             seq: self.snapshot_seq.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        Ok(Box::new(SnapshotData::from_bytes(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &Meta,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+        let sig = meta.signature();
+        let data = snapshot
+            .into_bytes()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), any_err(e)))?;
         let applied = AppliedMeta {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let sig = meta.signature();
         let meta_bytes = encode(&applied)
             .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
-        let stored = Arc::new(StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        });
-        let file_bytes = encode(&*stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
         let store = self.store.clone();
-        let path = self.snapshot_path.clone();
-        let stored2 = stored.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            store
-                .install_snapshot(&stored2.data, &meta_bytes)
-                .map_err(|e| e.to_string())?;
-            write_atomic(&path, &file_bytes).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?
-        .map_err(|e| {
-            StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
-        })?;
+        tokio::task::spawn_blocking(move || store.install_snapshot(&data, &meta_bytes))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any_err(e)))?;
         self.meta = applied;
-        *self.current.lock().await = Some(stored);
+        set_current(&self.current, meta);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         Ok(())
     }
 
+    /// The state as applied now, exported in the background; the metadata is that of the
+    /// last built point when nothing was applied since. Runs in openraft's state machine
+    /// worker, so no entry is applied while the RocksDB snapshot is being taken.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.current.lock().await.as_ref().map(|s| Snapshot {
-            meta: s.meta.clone(),
-            snapshot: Box::new(Cursor::new(s.data.clone())),
+        let built = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(built) = built else {
+            return Ok(None);
+        };
+        let meta = if built.last_log_id == self.meta.last_applied {
+            built
+        } else {
+            SnapshotMeta {
+                snapshot_id: snapshot_id(
+                    &self.meta.last_applied,
+                    self.snapshot_seq.fetch_add(1, Ordering::Relaxed),
+                ),
+                last_log_id: self.meta.last_applied,
+                last_membership: self.meta.membership.clone(),
+            }
+        };
+        let (taken_tx, taken_rx) = oneshot::channel::<()>();
+        let (data_tx, data_rx) = oneshot::channel();
+        let store = self.store.clone();
+        let expected = meta.last_log_id;
+        let id = meta.snapshot_id.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let exported = store.export_snapshot_when(
+                move || {
+                    let _ = taken_tx.send(());
+                },
+                || !data_tx.is_closed(),
+            );
+            let result = match exported {
+                Ok(Some((data, meta_bytes))) => {
+                    let at: Option<LogId> = meta_bytes
+                        .as_deref()
+                        .and_then(|b| decode::<AppliedMeta>(b).ok())
+                        .and_then(|m| m.last_applied);
+                    if at == expected {
+                        tracing::info!(snapshot = %id, bytes = data.len(), ms = started.elapsed().as_millis() as u64, "exported snapshot");
+                        Ok(data)
+                    } else {
+                        Err(std::io::Error::other(format!(
+                            "snapshot {id}: store was at {at:?}, expected {expected:?}"
+                        )))
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => Err(std::io::Error::other(format!(
+                    "exporting snapshot {id}: {e}"
+                ))),
+            };
+            let _ = data_tx.send(result);
+        });
+        // The export's point in time is fixed once the RocksDB snapshot exists; if the
+        // exporter failed before that, the data reports its error to whoever reads it.
+        let _ = taken_rx.await;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::exporting(data_rx)),
         }))
     }
 }

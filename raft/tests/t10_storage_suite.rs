@@ -23,10 +23,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder 
         let log = LogStore::open(&dir.path().join("log"), Arc::new(Metrics::default()))?;
         let store = Store::open(&dir.path().join("state"))
             .map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
-        let snap = dir.path().join("snap");
-        std::fs::create_dir_all(&snap)
-            .map_err(|e| StorageIOError::write(openraft::AnyError::new(&e)))?;
-        let sm = StateMachine::new(store, &snap)?;
+        let sm = StateMachine::new(store)?;
         Ok((dir, log, sm))
     }
 }

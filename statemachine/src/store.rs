@@ -45,6 +45,9 @@ const REQUEST_EXPIRY_PER_ENTRY: usize = 64;
 /// Longest accepted request id.
 pub const REQUEST_ID_MAX: usize = 128;
 
+/// A snapshot's bytes and the applied meta (if any) at the same point.
+pub type ExportedSnapshot = (Vec<u8>, Option<Vec<u8>>);
+
 /// A handle to the state machine store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -170,8 +173,22 @@ impl Store {
 
     /// A consistent copy of every column family, for a Raft snapshot, with the applied
     /// meta as of that same point (so the snapshot's log id matches its data exactly).
-    pub fn export_snapshot(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), StoreError> {
+    pub fn export_snapshot(&self) -> Result<ExportedSnapshot, StoreError> {
+        self.export_snapshot_when(|| {}, || true)?
+            .ok_or_else(|| StoreError::Snapshot("export stopped".into()))
+    }
+
+    /// [`Store::export_snapshot`] for a caller that must know when the point in time is
+    /// fixed: `taken` runs once the RocksDB snapshot exists (later writes are not in the
+    /// export), and `wanted` is asked every few thousand keys; when it says no, the
+    /// export stops and returns `None`.
+    pub fn export_snapshot_when(
+        &self,
+        taken: impl FnOnce(),
+        wanted: impl Fn() -> bool,
+    ) -> Result<Option<ExportedSnapshot>, StoreError> {
         let snap = self.db.snapshot();
+        taken();
         let meta = snap.get_cf(self.cf(CF_META)?, KEY_APPLIED)?;
         let mut entries: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
         for (tag, name) in all_cfs().into_iter().enumerate() {
@@ -179,9 +196,12 @@ impl Store {
             for item in snap.iterator_cf(cf, IteratorMode::Start) {
                 let (k, v) = item?;
                 entries.push((tag as u8, k.to_vec(), v.to_vec()));
+                if entries.len().is_multiple_of(4096) && !wanted() {
+                    return Ok(None);
+                }
             }
         }
-        Ok((encode(&entries)?, meta))
+        Ok(Some((encode(&entries)?, meta)))
     }
 
     /// Replace the whole state with a snapshot, atomically (one write batch, synced).
