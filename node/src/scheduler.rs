@@ -403,7 +403,9 @@ impl Scheduler {
     }
 
     async fn supervise(self: Arc<Self>) {
-        let mut metrics = self.node.raft.metrics();
+        // Server metrics change with the role, leader, vote or membership only, not with
+        // every write (the full metrics woke this loop several times per write).
+        let mut metrics = self.node.raft.server_metrics();
         let mut shutdown = self.shutdown.subscribe();
         let mut current: Option<Arc<Leadership>> = None;
         loop {
@@ -411,7 +413,7 @@ impl Scheduler {
                 let m = metrics.borrow_and_update();
                 (
                     m.state == ServerState::Leader && m.current_leader == Some(self.node.id),
-                    m.current_term,
+                    m.vote.leader_id.term,
                 )
             };
             if let Some(l) = &current {
@@ -428,8 +430,17 @@ impl Scheduler {
             if leads && current.is_none() {
                 current = Some(self.clone().begin(term));
             }
+            // A leadership loop may also end on its own (see above): wake for that too.
+            let running = current.clone();
+            let ended = async move {
+                match running {
+                    Some(l) => l.stopped().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { break },
+                _ = ended => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }

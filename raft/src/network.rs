@@ -22,6 +22,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tower::Service;
 
 use crate::forward::{ForwardRequest, ForwardResponse, NodeError};
 use crate::pb::raft_client::RaftClient;
@@ -34,7 +35,7 @@ use crate::{NodeInfo, TypeConfig};
 /// a certificate for its address signed by the cluster CA, and this node presents its own.
 #[derive(Clone, Default)]
 pub struct Channels {
-    inner: Arc<Mutex<HashMap<String, Channel>>>,
+    inner: Arc<Mutex<HashMap<String, OneFrame>>>,
     tls: Option<ClientTlsConfig>,
 }
 
@@ -58,7 +59,7 @@ impl Channels {
         }
     }
 
-    pub fn channel(&self, addr: &str) -> Result<Channel, TransportError> {
+    fn channel(&self, addr: &str) -> Result<OneFrame, TransportError> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -84,7 +85,7 @@ impl Channels {
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+        let channel = OneFrame(endpoint.connect_lazy());
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -133,6 +134,50 @@ impl Channels {
         deadline: Duration,
     ) -> Result<Result<ForwardResponse, NodeError>, TransportError> {
         self.call(addr, Method::Forward, req, deadline).await
+    }
+}
+
+/// A tonic channel that sends each request as one HTTP/2 DATA frame carrying END_STREAM.
+///
+/// tonic's own request body ends only when polled again after the message, so hyper sent
+/// every RPC as three writes (HEADERS, DATA, then an empty DATA with END_STREAM), and the
+/// receiving tonic server, which waits for the end of the stream before it calls the
+/// handler, woke up for each (seen in `perf trace`: 44 + 353 + 9 bytes per AppendEntries).
+/// The message is already encoded in memory, so collecting it costs nothing; as a
+/// complete body it goes out with its headers in one write.
+#[derive(Clone)]
+struct OneFrame(Channel);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<http::Request<tonic::body::BoxBody>> for OneFrame {
+    type Response = http::Response<tonic::body::BoxBody>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::BoxBody>) -> Self::Future {
+        // The channel that was polled ready must make the call.
+        let fresh = self.0.clone();
+        let mut ready = std::mem::replace(&mut self.0, fresh);
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            let body = http_body_util::Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            ready
+                .call(http::Request::from_parts(parts, body))
+                .await
+                .map_err(Into::into)
+        })
     }
 }
 

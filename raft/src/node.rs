@@ -687,7 +687,10 @@ impl RaftNode {
     /// Resolves when openraft's core has stopped (a storage failure such as a full disk
     /// is fatal to it): this node can no longer take part and should be restarted.
     pub async fn core_stopped(&self) {
-        let mut rx = self.raft.metrics();
+        // The server metrics change only with the vote, role, leader or membership; the
+        // full metrics change several times per write, and each change woke this waiter
+        // (on the runtime's main thread) for nothing.
+        let mut rx = self.raft.server_metrics();
         while rx.changed().await.is_ok() {}
     }
 
@@ -955,12 +958,13 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, metrics: Arc<M
 }
 
 async fn watch_leader(raft: Raft, metrics: Arc<Metrics>) {
-    let mut rx = raft.metrics();
+    // Server metrics: they change with the leader, not with every write.
+    let mut rx = raft.server_metrics();
     let mut leader = rx.borrow().current_leader;
     while rx.changed().await.is_ok() {
         let (now, term) = {
             let m = rx.borrow();
-            (m.current_leader, m.current_term)
+            (m.current_leader, m.vote.leader_id.term)
         };
         if now != leader {
             metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
