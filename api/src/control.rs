@@ -73,7 +73,12 @@ pub struct MemberInfo {
 pub struct ClusterStatus {
     /// The node that answered.
     pub node_id: u64,
+    /// The leader as the answering node can tell: null on a follower that has not heard
+    /// from its last leader for a lease (`leader_contact_ms` says how long).
     pub leader_id: Option<u64>,
+    /// On a follower: milliseconds since it last heard from a leader; null on the leader.
+    #[serde(default)]
+    pub leader_contact_ms: Option<u64>,
     pub term: u64,
     /// Raft server state of the node that answered: Leader, Follower, Candidate, Learner.
     pub state: String,

@@ -437,6 +437,7 @@ async fn cluster_status_has_exactly_the_documented_fields() {
             "applied_index",
             "commit_index",
             "last_log_index",
+            "leader_contact_ms",
             "leader_id",
             "members",
             "node_id",

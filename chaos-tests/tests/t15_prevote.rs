@@ -47,12 +47,37 @@ async fn an_isolated_follower_does_not_depose_the_leader_when_it_returns() -> an
         )
         .await?;
     assert_eq!(r.status, 201, "write on the majority side: {}", r.text);
-    let (term_isolated, _) = term_and_leader(&c, isolated).await?;
+    let (term_isolated, leader_isolated) = term_and_leader(&c, isolated).await?;
     assert_eq!(
         term_isolated,
         term0,
         "the isolated node raised its term without a granted pre-vote; its log:\n{}",
         c.log_tail(isolated, 40)
+    );
+    // Cut off for five leases, it no longer names the old leader, and says how long it
+    // has been without one.
+    let view = c
+        .get(isolated, "/drplane/v1/cluster?consistency=stale")
+        .await?;
+    assert_eq!(
+        leader_isolated, None,
+        "node {isolated} still names a leader it cannot reach: {}",
+        view.text
+    );
+    let contact_ms = view.body["leader_contact_ms"].as_u64().unwrap_or(0);
+    assert!(
+        contact_ms >= 2000,
+        "leader_contact_ms after 3 s cut off: {}",
+        view.text
+    );
+    let flagged: Vec<&Value> = view.body["members"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["leader"] == json!(true)).collect())
+        .unwrap_or_default();
+    assert!(
+        flagged.is_empty(),
+        "a member is flagged leader: {}",
+        view.text
     );
 
     c.net
@@ -82,6 +107,15 @@ async fn an_isolated_follower_does_not_depose_the_leader_when_it_returns() -> an
         let (term, seen_leader) = term_and_leader(&c, id).await?;
         assert_eq!(term, term0, "node {id}: the term changed after the heal");
         assert_eq!(seen_leader, Some(leader), "node {id}: the leader changed");
+        let view = c.get(id, "/drplane/v1/cluster?consistency=stale").await?;
+        if id != leader {
+            let ms = view.body["leader_contact_ms"].as_u64();
+            assert!(
+                ms.is_some_and(|ms| ms < 600),
+                "node {id} hears from the leader again: {}",
+                view.text
+            );
+        }
     }
     Ok(())
 }

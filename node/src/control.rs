@@ -40,6 +40,7 @@ impl NodeControl {
         ClusterStatus {
             node_id: view.node_id,
             leader_id: view.leader_id,
+            leader_contact_ms: view.leader_contact_ms,
             term: view.term,
             state: view.state,
             last_log_index: view.last_log_index,

@@ -91,7 +91,11 @@ pub struct MemberView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
     pub node_id: u64,
+    /// The leader as far as this node can tell: none on a follower that has not heard
+    /// from its last leader for a lease (that leader may be dead or cut off).
     pub leader_id: Option<u64>,
+    /// On a follower: milliseconds since it last heard from a leader.
+    pub leader_contact_ms: Option<u64>,
     pub term: u64,
     pub state: String,
     pub last_log_index: Option<u64>,
@@ -633,7 +637,16 @@ impl RaftNode {
     /// leader can be asked.
     pub async fn cluster_view(&self) -> ClusterView {
         let m = self.metrics_now();
-        let (matched, leader_last) = if m.current_leader.is_some() {
+        let is_leader = m.current_leader == Some(self.id);
+        let quiet = self.elections.contact.quiet();
+        // openraft keeps naming the last leader until another one wins, which pre-vote
+        // delays for as long as no quorum can elect one; a follower cut off from it for
+        // a lease says it knows none rather than name a leader that may be dead.
+        let leader_id = m
+            .current_leader
+            .filter(|_| is_leader || quiet <= self.elections.timing.lease);
+        let leader_contact_ms = (!is_leader).then_some(quiet.as_millis() as u64);
+        let (matched, leader_last) = if leader_id.is_some() {
             let deadline = Instant::now() + Duration::from_millis(800);
             match self.route(ForwardRequest::Replication, deadline).await {
                 Ok((
@@ -665,7 +678,7 @@ impl RaftNode {
                     id: *id,
                     info: info.clone(),
                     voter: voters.contains(id),
-                    leader: m.current_leader == Some(*id),
+                    leader: leader_id == Some(*id),
                     matched_index,
                     lag,
                 }
@@ -673,7 +686,8 @@ impl RaftNode {
             .collect();
         ClusterView {
             node_id: self.id,
-            leader_id: m.current_leader,
+            leader_id,
+            leader_contact_ms,
             term: m.current_term,
             state: format!("{:?}", m.state),
             last_log_index: m.last_log_index,

@@ -99,6 +99,7 @@ impl FakeCluster {
 
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
+            leader_contact_ms: None,
             node_id: 1,
             leader_id: Some(1),
             term: 3,
