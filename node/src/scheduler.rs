@@ -430,11 +430,15 @@ impl Scheduler {
             if leads && current.is_none() {
                 current = Some(self.clone().begin(term));
             }
-            // A leadership loop may also end on its own (see above): wake for that too.
+            // A leadership loop may also end on its own (see above): wake for that too, a
+            // little later, so a loop that keeps ending is not restarted in a tight spin.
             let running = current.clone();
             let ended = async move {
                 match running {
-                    Some(l) => l.stopped().await,
+                    Some(l) => {
+                        l.stopped().await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     None => std::future::pending().await,
                 }
             };

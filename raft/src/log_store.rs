@@ -67,16 +67,14 @@ impl LogStore {
         opts.create_missing_column_families(true);
         // Every append ends in a WAL fdatasync. Into a new WAL file (allocated as it grows)
         // that sync also commits ext4's journal; into a recycled one, overwritten in place,
-        // it writes the data blocks only (a follower's fdatasync p50 0.257 -> 0.180 ms;
-        // wrk at 256 connections p99 ~118 -> ~88 ms, at 1 connection p50 -0.05 ms). Small
-        // memtables and a small WAL cap (the tiny `state` family would otherwise pin the
-        // oldest WAL forever) make WALs obsolete, and so recycled, every few MiB of log.
+        // it writes the data blocks only (see `prime_wal_recycling` for figures). Small
+        // memtables and a small WAL cap make WALs obsolete, and so recycled, every few MiB
+        // of log; atomic flush flushes every family whenever one does, because the tiny
+        // `state` family otherwise kept each WAL alive until the cap forced it out, and
+        // most new WALs found the recycle pool empty (RocksDB's LOG: logs #20 and #22
+        // created fresh while #16 waited for `state`).
         opts.set_recycle_log_file_num(PRIMED_WALS);
         opts.set_max_total_wal_size(4 << 20);
-        // Flush every family whenever one flushes: the tiny `state` family would otherwise
-        // keep each WAL alive until the 4 MiB cap forced it out, so most new WALs found the
-        // recycle pool empty and were fresh files (seen in RocksDB's LOG: logs #20, #22
-        // created fresh while #16 waited for `state`).
         opts.set_atomic_flush(true);
         let cfs = [CF_LOGS, CF_STATE, CF_SCRATCH].into_iter().map(|n| {
             let mut cf = Options::default();
