@@ -100,7 +100,10 @@ pub(crate) async fn serve(inner: Arc<FsInner>, bind: SocketAddr) -> Result<SyncS
         }
         None => "http",
     };
+    // The same pings from the source's side: a target that vanished stops being served.
     let server = builder
+        .http2_keepalive_interval(Some(wire::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(wire::KEEPALIVE_TIMEOUT))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))

@@ -246,3 +246,87 @@ async fn t27_full_sync_detects_corruption_in_transit() {
     assert_eq!(st.digest, src.driver.checksum("img").await.unwrap());
     assert_eq!(dst.driver.checksum("img-r").await.unwrap(), st.digest);
 }
+
+/// Forward connections to `upstream` until `cut` is cancelled; from then on move no more
+/// bytes either way but keep the sockets open, like a peer that dropped off the network.
+async fn blackhole_proxy(
+    upstream: std::net::SocketAddr,
+    cut: CancellationToken,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (down_r, down_w) = down.into_split();
+            let (up_r, up_w) = up.into_split();
+            for (mut r, mut w) in [(down_r, up_w), (up_r, down_w)].map(|(r, w)| {
+                (
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                )
+            }) {
+                let cut = cut.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = tokio::select! {
+                            _ = cut.cancelled() => break,
+                            n = r.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            },
+                        };
+                        if cut.is_cancelled() || w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Silent from here on: hold both halves open, move nothing.
+                    std::future::pending::<()>().await;
+                    drop((r, w));
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A source that drops off the network mid-sync (no FIN, no RST: the bytes just stop) is
+/// noticed by the HTTP/2 pings: the sync fails as a remote error within seconds instead of
+/// waiting for the next block until the task is cancelled, and the target keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t28_a_silent_source_fails_the_sync_within_the_keepalive() {
+    let src = Agent::start().await;
+    let dst = Agent::start().await;
+    let size = 64 * MIB;
+    src.disk("img", size, false).await;
+    fill_image(&src.path("img"), size, 5);
+    dst.disk("img-r", size, true).await;
+    let before = dst.driver.checksum("img-r").await.unwrap();
+
+    let upstream = src.server.as_ref().unwrap().local_addr().unwrap();
+    let cut = CancellationToken::new();
+    let proxy = blackhole_proxy(upstream, cut.clone()).await;
+    let mut req = SyncRequest::new(format!("http://{proxy}"), "img", "img-r");
+    // 8 MiB/s: the 64 MiB copy would take about 8 s, so it is mid-way when the link dies.
+    req.bwlimit = Some(8 * MIB);
+    let sync = {
+        let driver = dst.driver.clone();
+        tokio::spawn(async move { driver.sync_from(&req, None, CancellationToken::new()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    cut.cancel();
+    let cut_at = std::time::Instant::now();
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), sync)
+        .await
+        .expect("the sync still waits 30 s after its source went silent")
+        .unwrap();
+    let waited = cut_at.elapsed();
+    let err = result.expect_err("a sync whose source went silent cannot succeed");
+    assert!(matches!(err, DriverError::Remote { .. }), "{err:?}");
+    assert!(
+        waited < std::time::Duration::from_secs(12),
+        "noticed only after {waited:?}"
+    );
+    assert_eq!(dst.driver.checksum("img-r").await.unwrap(), before);
+}

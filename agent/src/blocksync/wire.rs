@@ -50,6 +50,11 @@ const MAX_FRAME: u32 = (1 << 24) - 1;
 const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on a sync connection: a source that dies or drops off the network without
+/// closing the connection is noticed within interval + timeout (7 s), instead of the
+/// target waiting for its next block until the task is cancelled.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ================================================================ encoding
 
@@ -364,6 +369,9 @@ where
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|e| remote(endpoint, format!("HTTP/2 handshake: {e}")))?;
