@@ -122,6 +122,14 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// The local state machine store, for reads after `read_barrier`.
     fn store(&self) -> &Store;
 
+    /// Wait (briefly, without network) until this node has applied every entry it already
+    /// knows to be committed. Credentials are checked against the local store with no
+    /// read barrier; this closes the window in which a follower has learned that a
+    /// revocation committed but has not applied it yet.
+    async fn catch_up_local(&self) -> Result<(), ClusterError> {
+        Ok(())
+    }
+
     async fn cluster_status(&self) -> Result<ClusterStatus, ClusterError>;
 
     /// Make a one-node cluster of this node.

@@ -159,3 +159,73 @@ async fn restarted_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()
     assert_eq!(r.status, 201, "{}", r.text);
     Ok(())
 }
+
+/// One counter from `/metrics` on node `id`.
+async fn metric(c: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
+    let text = c.get(id, "/metrics").await?.text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics of node {id}"))
+}
+
+/// Sequential writes on the leader: the commit-only AppendEntries that openraft sends after
+/// each commit are answered by the leader itself (`drplane_raft_commit_only_held_total`
+/// grows), yet every follower still applies every write within a heartbeat or two, a write
+/// through a follower is readable on that follower when it is answered, and every node's
+/// commit and applied indexes meet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_learn_held_back_commits_from_the_next_message() -> anyhow::Result<()> {
+    let mut c = Cluster::start(&["site-a", "site-b", "site-c"], TIMING).await?;
+    let leader = c.wait_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<u64> = c.ids().into_iter().filter(|id| *id != leader).collect();
+
+    let held_before = metric(&c, leader, "drplane_raft_commit_only_held_total").await?;
+    for i in 0..40 {
+        let r = create_site(&c, leader, &format!("seq-{i:02}")).await?;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let held = metric(&c, leader, "drplane_raft_commit_only_held_total").await? - held_before;
+    // Two followers, one commit-only message each per write when the writes are spaced.
+    assert!(
+        held >= 20,
+        "only {held} commit-only messages held back over 40 writes"
+    );
+
+    // The last write reaches every follower's state machine without any further write.
+    let started = Instant::now();
+    for &f in &followers {
+        loop {
+            let names = c.site_names(f, "stale").await?;
+            if names.iter().any(|n| n == "seq-39") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "follower {f} has not applied the last write after {:?}: {names:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Every node's applied index reaches the leader's commit index.
+    let commit = metric(&c, leader, "drplane_raft_commit_index").await?;
+    for id in c.ids() {
+        let applied = metric(&c, id, "drplane_raft_applied_index").await?;
+        assert!(
+            applied >= commit,
+            "node {id} applied {applied} < commit {commit}"
+        );
+    }
+
+    // A write through a follower is on that follower when it is answered (read your
+    // write, no barrier), and on the other follower right after a linearizable read.
+    let r = create_site(&c, followers[0], "via-follower").await?;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let names = c.site_names(followers[0], "stale").await?;
+    assert!(names.iter().any(|n| n == "via-follower"), "{names:?}");
+    let names = c.site_names(followers[1], "linearizable").await?;
+    assert!(names.iter().any(|n| n == "via-follower"), "{names:?}");
+    c.kill(leader)?;
+    Ok(())
+}

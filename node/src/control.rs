@@ -97,6 +97,10 @@ impl ControlPlane for NodeControl {
         self.node.store()
     }
 
+    async fn catch_up_local(&self) -> Result<(), ClusterError> {
+        self.node.apply_known_commits().await.map_err(map_err)
+    }
+
     async fn cluster_status(&self) -> Result<ClusterStatus, ClusterError> {
         Ok(self.status().await)
     }

@@ -7,8 +7,9 @@
 //! exponentially (50 ms doubling to 2 s) before trying again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drplane_statemachine::codec::{decode, encode};
 use openraft::error::{
@@ -194,6 +195,76 @@ pub enum Method {
 #[derive(Clone, Default)]
 pub struct Network {
     pub channels: Channels,
+    /// How long after a real acknowledgement a commit-only AppendEntries may be held
+    /// back (see [`CommitRelay`]); zero sends every one. The heartbeat interval.
+    pub commit_hold: Duration,
+    /// Writes whose commit must reach the followers at once (see [`Urgency`]).
+    pub urgency: Arc<Urgency>,
+}
+
+/// Writes whose commit index must reach every follower without waiting for the next
+/// message, so [`CommitRelay`] holds nothing back while one is in flight and for a
+/// hold interval after it was answered:
+/// - writes forwarded by a follower, which waits until it has applied the write itself
+///   before it answers its caller (read your write on the node you called);
+/// - identity writes, because every node checks tokens and credentials against its own
+///   copy (a revoked token must stop working on every node, not at the next heartbeat).
+///
+/// It also counts the messages the relays held back, for `/metrics`.
+#[derive(Debug)]
+pub struct Urgency {
+    /// Commit-only AppendEntries answered without being sent, all streams.
+    pub held_back: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` until which commits still travel at once.
+    until_ms: AtomicU64,
+    epoch: Instant,
+    grace: Duration,
+}
+
+impl Default for Urgency {
+    fn default() -> Urgency {
+        Urgency::new(Duration::ZERO)
+    }
+}
+
+impl Urgency {
+    /// `grace`: how long after an urgent write was answered its commit still travels
+    /// at once (its commit-only message follows the commit by microseconds).
+    pub fn new(grace: Duration) -> Urgency {
+        Urgency {
+            held_back: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            grace,
+        }
+    }
+
+    /// Marks an urgent write in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> UrgentWrite {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        UrgentWrite(self.clone())
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+            || (now.saturating_duration_since(self.epoch).as_millis() as u64)
+                < self.until_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// An urgent write in flight; see [`Urgency`].
+pub struct UrgentWrite(Arc<Urgency>);
+
+impl Drop for UrgentWrite {
+    fn drop(&mut self) {
+        let u = &self.0;
+        let until = (Instant::now() + u.grace).saturating_duration_since(u.epoch);
+        u.until_ms
+            .fetch_max(until.as_millis() as u64 + 1, Ordering::SeqCst);
+        u.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -204,6 +275,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft.clone(),
             channels: self.channels.clone(),
+            relay: CommitRelay::new(self.commit_hold, self.urgency.clone()),
         }
     }
 }
@@ -212,6 +284,99 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     channels: Channels,
+    relay: CommitRelay,
+}
+
+/// Holds back AppendEntries whose only news is a higher commit index.
+///
+/// After every commit openraft 0.9 sends each follower an AppendEntries with no entries
+/// that carries only the new `leader_commit`. At one client that is two more RPCs per
+/// write, each waking the follower (and its state machine) and the leader again while the
+/// next write is in flight; on this project's two-core machines that cost 0.1 ms of
+/// every write's latency (BENCHMARKS.md).
+///
+/// Such a message is answered here, without sending it, only when all of this holds on
+/// this replication stream (one `PeerClient`, i.e. one leader term and target):
+/// - it has no entries;
+/// - its `prev_log_id` is exactly the log id the follower acknowledged in this client's
+///   last real, successful AppendEntries, under the same vote, less than `hold` ago;
+/// - its `leader_commit` is higher than any this client has sent or held back.
+///
+/// The answer, `Success`, tells the leader only what the follower already told it: that
+/// its log matches up to `prev_log_id`. Commit progress on the leader needs real
+/// acknowledgements of new entries, which always travel. The follower learns the commit
+/// index from the next message that does travel: the next write's entries, or the
+/// periodic heartbeat (its `leader_commit` is not higher than one already held back, so it
+/// is sent), so a follower's applied index trails by at most one heartbeat interval when
+/// writes stop. Reads on followers are not delayed by that: their read index comes from
+/// the leader's quorum heartbeat (`ensure_linearizable`), which openraft sends through a
+/// fresh client with no history here, and that heartbeat carries the commit index.
+/// Votes and a higher term are found by the next real message, within `hold`.
+/// Nothing is held back while an [`Urgency`] write is in flight or just answered.
+struct CommitRelay {
+    hold: Duration,
+    urgency: Arc<Urgency>,
+    acked: Option<Acked>,
+}
+
+struct Acked {
+    vote: openraft::Vote<u64>,
+    matching: Option<crate::LogId>,
+    leader_commit: Option<crate::LogId>,
+    at: Instant,
+}
+
+impl CommitRelay {
+    fn new(hold: Duration, urgency: Arc<Urgency>) -> CommitRelay {
+        CommitRelay {
+            hold,
+            urgency,
+            acked: None,
+        }
+    }
+
+    /// True when `rpc` may be answered `Success` without being sent.
+    fn hold_back(&mut self, rpc: &AppendEntriesRequest<TypeConfig>, now: Instant) -> bool {
+        let Some(acked) = self.acked.as_mut() else {
+            return false;
+        };
+        let held = rpc.entries.is_empty()
+            && rpc.vote == acked.vote
+            && rpc.prev_log_id == acked.matching
+            && rpc.leader_commit > acked.leader_commit
+            && now.saturating_duration_since(acked.at) < self.hold
+            && !self.urgency.active(now);
+        if held {
+            acked.leader_commit = rpc.leader_commit;
+            self.urgency.held_back.fetch_add(1, Ordering::Relaxed);
+        }
+        held
+    }
+
+    /// Records the outcome of an AppendEntries that was sent at `sent`.
+    fn sent(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        sent: Instant,
+        outcome: Option<&AppendEntriesResponse<u64>>,
+    ) {
+        let matching = match outcome {
+            Some(AppendEntriesResponse::Success) => {
+                rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
+            }
+            Some(AppendEntriesResponse::PartialSuccess(m)) => *m,
+            _ => {
+                self.acked = None;
+                return;
+            }
+        };
+        self.acked = Some(Acked {
+            vote: rpc.vote,
+            matching,
+            leader_commit: rpc.leader_commit,
+            at: sent,
+        });
+    }
 }
 
 impl PeerClient {
@@ -244,7 +409,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
-        self.rpc(Method::AppendEntries, &rpc, &option).await
+        let now = Instant::now();
+        if self.relay.hold_back(&rpc, now) {
+            return Ok(AppendEntriesResponse::Success);
+        }
+        let result = self.rpc(Method::AppendEntries, &rpc, &option).await;
+        self.relay.sent(&rpc, now, result.as_ref().ok());
+        result
     }
 
     async fn install_snapshot(
@@ -271,5 +442,125 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             (0..)
                 .map(|i: u32| Duration::from_millis(50u64.saturating_mul(1 << i.min(6)).min(2000))),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
+
+    const HOLD: Duration = Duration::from_millis(40);
+
+    fn id(term: u64, index: u64) -> crate::LogId {
+        openraft::LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn vote(term: u64) -> Vote<u64> {
+        Vote::new_committed(term, 1)
+    }
+
+    fn request(
+        term: u64,
+        prev: Option<u64>,
+        entries: &[u64],
+        commit: Option<u64>,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: vote(term),
+            prev_log_id: prev.map(|i| id(term, i)),
+            leader_commit: commit.map(|i| id(term, i)),
+            entries: entries
+                .iter()
+                .map(|&i| Entry {
+                    log_id: id(term, i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+        }
+    }
+
+    /// A relay whose follower acknowledged entries 4..=5 (commit 3) at `at`.
+    fn acked_at(at: Instant) -> CommitRelay {
+        let mut relay = CommitRelay::new(HOLD, Arc::default());
+        relay.sent(
+            &request(2, Some(3), &[4, 5], Some(3)),
+            at,
+            Some(&AppendEntriesResponse::Success),
+        );
+        relay
+    }
+
+    #[test]
+    fn commit_only_news_is_held_and_the_next_heartbeat_carries_it() {
+        let t0 = Instant::now();
+        let mut relay = acked_at(t0);
+        assert!(relay.hold_back(&request(2, Some(5), &[], Some(5)), t0));
+        // The periodic heartbeat has the same commit index: it travels.
+        assert!(!relay.hold_back(&request(2, Some(5), &[], Some(5)), t0));
+        // So does the next write's entries.
+        assert!(!relay.hold_back(&request(2, Some(5), &[6], Some(5)), t0));
+    }
+
+    #[test]
+    fn anything_the_follower_has_not_acknowledged_travels() {
+        let t0 = Instant::now();
+        // A new client (a fresh stream or a leadership check) has no history.
+        assert!(!CommitRelay::new(HOLD, Arc::default())
+            .hold_back(&request(2, Some(5), &[], Some(5)), t0));
+        // Entries, another prev_log_id, another vote, no higher commit index.
+        assert!(!acked_at(t0).hold_back(&request(2, Some(5), &[6], Some(5)), t0));
+        assert!(!acked_at(t0).hold_back(&request(2, Some(4), &[], Some(5)), t0));
+        assert!(!acked_at(t0).hold_back(&request(3, Some(5), &[], Some(5)), t0));
+        assert!(!acked_at(t0).hold_back(&request(2, Some(5), &[], Some(3)), t0));
+        // The acknowledgement is older than the hold.
+        assert!(!acked_at(t0).hold_back(&request(2, Some(5), &[], Some(5)), t0 + HOLD));
+        // Holding is off.
+        let mut off = CommitRelay::new(Duration::ZERO, Arc::default());
+        off.sent(
+            &request(2, Some(3), &[4, 5], Some(3)),
+            t0,
+            Some(&AppendEntriesResponse::Success),
+        );
+        assert!(!off.hold_back(&request(2, Some(5), &[], Some(5)), t0));
+    }
+
+    #[test]
+    fn nothing_is_held_during_an_urgent_write_and_its_grace() {
+        let urgency = Arc::new(Urgency::new(Duration::from_secs(3600)));
+        let mut relay = CommitRelay::new(Duration::from_secs(7200), urgency.clone());
+        let t0 = Instant::now();
+        relay.sent(
+            &request(2, Some(3), &[4, 5], Some(3)),
+            t0,
+            Some(&AppendEntriesResponse::Success),
+        );
+        let write = urgency.begin();
+        assert!(!relay.hold_back(&request(2, Some(5), &[], Some(4)), Instant::now()));
+        drop(write);
+        // Answered: its commit still travels during the grace, and is held after it.
+        assert!(!relay.hold_back(&request(2, Some(5), &[], Some(5)), Instant::now()));
+        let after = Instant::now() + Duration::from_secs(3601);
+        assert!(relay.hold_back(&request(2, Some(5), &[], Some(6)), after));
+    }
+
+    #[test]
+    fn a_failed_or_refused_append_forgets_the_acknowledgement() {
+        let t0 = Instant::now();
+        for outcome in [None, Some(AppendEntriesResponse::Conflict)] {
+            let mut relay = acked_at(t0);
+            relay.sent(&request(2, Some(5), &[6], Some(5)), t0, outcome.as_ref());
+            assert!(!relay.hold_back(&request(2, Some(5), &[], Some(6)), t0));
+            assert!(!relay.hold_back(&request(2, Some(6), &[], Some(6)), t0));
+        }
+        // A partial success acknowledges only what the follower matched.
+        let mut relay = acked_at(t0);
+        relay.sent(
+            &request(2, Some(5), &[6, 7], Some(5)),
+            t0,
+            Some(&AppendEntriesResponse::PartialSuccess(Some(id(2, 6)))),
+        );
+        assert!(!relay.hold_back(&request(2, Some(7), &[], Some(7)), t0));
+        assert!(relay.hold_back(&request(2, Some(6), &[], Some(6)), t0));
     }
 }

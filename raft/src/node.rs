@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drplane_statemachine::{CommandResult, Proposal, ProposalBatch, Store};
+use drplane_statemachine::{Command, CommandResult, Proposal, ProposalBatch, Store};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -28,7 +28,7 @@ use crate::election::{Contact, Elections, PreVoteRequest, PreVoteResponse, Timin
 use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange, NodeError};
 use crate::log_store::LogStore;
 use crate::metrics::{counter, gauge, Metrics};
-use crate::network::{Channels, Network};
+use crate::network::{Channels, Network, Urgency};
 use crate::state_machine::StateMachine;
 use crate::{now_ms, NodeInfo, Raft};
 
@@ -117,6 +117,8 @@ pub struct RaftNode {
     store: Store,
     log_store: LogStore,
     channels: Channels,
+    /// Marks writes whose commit must reach followers at once (see `network::Urgency`).
+    urgency: Arc<Urgency>,
     batcher: mpsc::Sender<Pending>,
     request_timeout: Duration,
     election_timeout_max_ms: u64,
@@ -172,7 +174,10 @@ impl RaftNode {
         .context("raft configuration")?;
         let network = Network {
             channels: Channels::new(cfg.tls.clone()),
+            commit_hold: Duration::from_millis(cfg.heartbeat_ms),
+            urgency: Arc::new(Urgency::new(Duration::from_millis(cfg.heartbeat_ms))),
         };
+        let urgency = network.urgency.clone();
         let channels = network.channels.clone();
         let raft = Raft::new(cfg.id, Arc::new(config), network, log_store.clone(), sm)
             .await
@@ -201,6 +206,7 @@ impl RaftNode {
             store,
             log_store,
             channels,
+            urgency,
             batcher: tx,
             request_timeout: cfg.request_timeout,
             election_timeout_max_ms: cfg.election_timeout_max_ms,
@@ -312,6 +318,29 @@ impl RaftNode {
             }
             (other, _) => Err(NodeError::Internal(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// Wait until this node has applied every entry it knows to be committed: a local
+    /// wait, no network. Bounded by a second; a node whose state machine cannot keep up
+    /// for that long is unavailable rather than answering from older state.
+    pub async fn apply_known_commits(&self) -> Result<(), NodeError> {
+        let Some(committed) = self.log_store.committed_index() else {
+            return Ok(());
+        };
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        if applied >= Some(committed) {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(Duration::from_secs(1)))
+            .applied_index_at_least(Some(committed), "apply known commits")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                NodeError::Unavailable(format!(
+                    "this node has not applied index {committed}, which it knows is committed: {e}"
+                ))
+            })
     }
 
     /// Make a one-node cluster of this node, then record its site.
@@ -463,6 +492,17 @@ impl RaftNode {
         }
     }
 
+    /// [`RaftNode::handle_forward`] for a request forwarded by another node. Its writes
+    /// are urgent: the forwarding node answers its caller only once it applied the write
+    /// itself, so the commit must reach it at once (`network::Urgency`).
+    pub async fn handle_forward_from_peer(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ForwardResponse, NodeError> {
+        let _urgent = matches!(req, ForwardRequest::Propose(_)).then(|| self.urgency.begin());
+        self.handle_forward(req).await
+    }
+
     /// Handle a request as the leader (from this node or forwarded by another).
     pub async fn handle_forward(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
         match req {
@@ -505,6 +545,11 @@ impl RaftNode {
 
     async fn propose_local(&self, proposals: Vec<Proposal>) -> Result<ForwardResponse, NodeError> {
         let started = Instant::now();
+        // Every node checks credentials against its own copy of the identity store.
+        let _urgent = proposals
+            .iter()
+            .any(|p| matches!(p.command, Command::Identity(_)))
+            .then(|| self.urgency.begin());
         let mut waits = Vec::with_capacity(proposals.len());
         for proposal in proposals {
             let (tx, rx) = oneshot::channel();
@@ -822,6 +867,13 @@ impl RaftNode {
             "drplane_raft_forwarded_total",
             "Requests this node forwarded to the leader.",
             self.metrics.forwarded.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "drplane_raft_commit_only_held_total",
+            "AppendEntries carrying only a new commit index that this leader answered itself \
+             because the follower had acknowledged the rest (the next message carries it).",
+            self.urgency.held_back.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

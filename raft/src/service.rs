@@ -65,7 +65,7 @@ impl RaftRpc for RaftService {
 
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let req: ForwardRequest = decode_req(request)?;
-        let res = self.node.handle_forward(req).await;
+        let res = self.node.handle_forward_from_peer(req).await;
         encode_resp(&res)
     }
 

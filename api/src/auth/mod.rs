@@ -651,6 +651,14 @@ pub(crate) async fn authenticate(State(st): State<AppState>, req: Request, next:
         Ok(c) => c,
         Err(f) => return deny(family, &method, &path, "-", f),
     };
+    // Check credentials against every change this node knows is committed (a revocation
+    // acknowledged by the leader may be committed here but not yet applied).
+    if !matches!(credentials, Presented::Nothing) {
+        if let Err(e) = st.cp.catch_up_local().await {
+            let e = ApiError::from(e);
+            return deny(family, &method, &path, "-", AuthFailure::from_api_error(&e));
+        }
+    }
     let (caller, mut req) = match credentials {
         Presented::Nothing => {
             let msg = match family {
