@@ -171,7 +171,8 @@ async fn metric(c: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
 
 /// Sequential writes on the leader: the commit-only AppendEntries that openraft sends after
 /// each commit are answered by the leader itself (`drplane_raft_commit_only_held_total`
-/// grows), yet every follower still applies every write within a heartbeat or two, a write
+/// grows), new entries reach the followers before the leader's own sync (eager appends),
+/// yet every follower still applies every write within a heartbeat or two, a write
 /// through a follower is readable on that follower when it is answered, and every node's
 /// commit and applied indexes meet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +182,7 @@ async fn followers_learn_held_back_commits_from_the_next_message() -> anyhow::Re
     let followers: Vec<u64> = c.ids().into_iter().filter(|id| *id != leader).collect();
 
     let held_before = metric(&c, leader, "drplane_raft_commit_only_held_total").await?;
+    let used_before = metric(&c, leader, "drplane_raft_eager_answers_used_total").await?;
     for i in 0..40 {
         let r = create_site(&c, leader, &format!("seq-{i:02}")).await?;
         assert_eq!(r.status, 201, "{}", r.text);
@@ -191,6 +193,10 @@ async fn followers_learn_held_back_commits_from_the_next_message() -> anyhow::Re
         held >= 20,
         "only {held} commit-only messages held back over 40 writes"
     );
+    // Spaced writes find both followers caught up: their entries go out before the
+    // leader's own sync, and the replication streams use those answers.
+    let used = metric(&c, leader, "drplane_raft_eager_answers_used_total").await? - used_before;
+    assert!(used >= 20, "only {used} eager answers used over 40 writes");
 
     // The last write reaches every follower's state machine without any further write.
     let started = Instant::now();

@@ -9,6 +9,7 @@
 // dictated by the traits we implement; boxing them here would only add allocations.
 #![allow(clippy::result_large_err)]
 
+pub mod eager;
 pub mod election;
 pub mod forward;
 pub mod log_store;

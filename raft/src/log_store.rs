@@ -8,7 +8,10 @@
 //!
 //! Why no separate flusher thread: openraft 0.9 awaits each append's flush inside its core
 //! loop, so a flusher never saw two appends at once (its batch histogram read 1 for every
-//! sync) and only added two thread switches to every write's critical path.
+//! sync) and only added two thread switches to every write's critical path. The one
+//! exception: when the leader sent the entries eagerly to followers (`eager.rs`), the sync
+//! runs on a blocking thread so that this tokio worker can put those requests on the wire
+//! meanwhile.
 //!
 //! Column families: `logs` (big-endian index -> versioned bincode of the entry), `state`
 //! (vote, committed log id, last purged log id) and `scratch` (see [`prime_wal_recycling`]).
@@ -27,6 +30,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
+use crate::eager::EagerAppend;
 use crate::metrics::Metrics;
 use crate::{any_err, LogId, StorageError, TypeConfig};
 
@@ -57,6 +61,8 @@ struct Inner {
     /// The committed log id as openraft last saved it, and whether the stored copy is
     /// behind it: it is written with the next synced append, not on its own.
     committed_id: Mutex<(Option<LogId>, bool)>,
+    /// Set on nodes that send new entries to followers before their own sync.
+    eager: std::sync::OnceLock<Arc<EagerAppend>>,
 }
 
 impl LogStore {
@@ -91,6 +97,7 @@ impl LogStore {
                 metrics,
                 committed: AtomicU64::new(u64::MAX),
                 committed_id: Mutex::new((None, false)),
+                eager: std::sync::OnceLock::new(),
             }),
         };
         if let Some(c) = store.read_state::<LogId>(KEY_COMMITTED)? {
@@ -127,6 +134,12 @@ impl LogStore {
         if stored.is_some() && c.0 == stored {
             c.1 = false;
         }
+    }
+
+    /// Send entries this node appends as leader to caught-up followers before syncing
+    /// them (`eager.rs`). Set once, before Raft starts.
+    pub fn set_eager(&self, eager: Arc<EagerAppend>) {
+        let _ = self.inner.eager.set(eager);
     }
 
     /// Highest committed index this node has learned, if any.
@@ -311,22 +324,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: openraft::OptionalSend,
     {
         let cf = self.cf(CF_LOGS)?;
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = WriteBatch::default();
-        let mut count = 0usize;
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| StorageIOError::write_logs(any_err(e)))?;
+        for entry in &entries {
+            let bytes = encode(entry).map_err(|e| StorageIOError::write_logs(any_err(e)))?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
-            count += 1;
         }
+        let count = entries.len();
         let committed = self.add_committed(&mut batch)?;
+        // On the leader, caught-up followers get these entries now, while this sync runs
+        // (`eager.rs`); the sync then goes to a blocking thread so that this tokio worker
+        // can send them meanwhile.
+        let leader_commit = self.committed_id().0;
+        let eager = self
+            .inner
+            .eager
+            .get()
+            .is_some_and(|e| e.send(&entries, leader_commit));
+        drop(entries);
         // One synced write: the entries and the WAL fsync that makes them durable. openraft
         // 0.9 awaits this flush inside its core loop before it replicates or appends again,
-        // so handing the sync to another thread would only add two thread switches to
-        // every write's critical path (measured: each hand-off batch held one append).
-        // Many client writes still share one sync: the proposal batcher packs up to 1024
-        // proposals into one entry, and a follower's append carries up to 512 entries.
+        // so without eager sends, handing the sync to another thread would only add two
+        // thread switches to every write's critical path (measured: each hand-off batch
+        // held one append). Many client writes still share one sync: the proposal batcher
+        // packs up to 1024 proposals into one entry, and a follower's append carries up
+        // to 512 entries.
         let started = Instant::now();
-        let result = self.write_synced(batch);
+        let result = if eager {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || {
+                store.write_synced(batch).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("log sync thread failed: {e}")))
+        } else {
+            self.write_synced(batch).map_err(|e| e.to_string())
+        };
         self.inner
             .metrics
             .log_sync_seconds
@@ -340,9 +373,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             Err(e) => {
                 tracing::error!(error = %e, "raft log append failed");
-                let err = std::io::Error::other(e.to_string());
-                callback.log_io_completed(Err(err));
-                Err(StorageIOError::write_logs(any_err(e)).into())
+                callback.log_io_completed(Err(std::io::Error::other(e.clone())));
+                Err(StorageIOError::write_logs(any_err(std::io::Error::other(e))).into())
             }
         }
     }

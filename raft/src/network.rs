@@ -25,6 +25,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::Service;
 
+use crate::eager::EagerAppend;
 use crate::forward::{ForwardRequest, ForwardResponse, NodeError};
 use crate::pb::raft_client::RaftClient;
 use crate::pb::Blob;
@@ -200,6 +201,8 @@ pub struct Network {
     pub commit_hold: Duration,
     /// Writes whose commit must reach the followers at once (see [`Urgency`]).
     pub urgency: Arc<Urgency>,
+    /// Entries sent before the leader's own sync (`eager.rs`); None sends nothing eagerly.
+    pub eager: Option<Arc<EagerAppend>>,
 }
 
 /// Writes whose commit index must reach every follower without waiting for the next
@@ -276,6 +279,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft.clone(),
             channels: self.channels.clone(),
             relay: CommitRelay::new(self.commit_hold, self.urgency.clone()),
+            eager: self.eager.clone(),
+            stream: false,
         }
     }
 }
@@ -285,6 +290,57 @@ pub struct PeerClient {
     addr: String,
     channels: Channels,
     relay: CommitRelay,
+    eager: Option<Arc<EagerAppend>>,
+    /// Whether this client carried entries: it is a replication stream (openraft also
+    /// makes short-lived clients for votes and leadership checks).
+    stream: bool,
+}
+
+impl PeerClient {
+    /// One AppendEntries, answered by the eager copy of its first entries when there is
+    /// one (`eager.rs`): the rest, if any, is sent after it; anything but a success of the
+    /// eager copy sends the whole request.
+    async fn append(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        let Some((inflight, at)) = self.eager.as_ref().and_then(|e| e.take(self.target, rpc))
+        else {
+            return self.rpc(Method::AppendEntries, rpc, option).await;
+        };
+        let eager_last = inflight.last();
+        match inflight.answer().await {
+            Some(AppendEntriesResponse::Success) => {}
+            Some(AppendEntriesResponse::HigherVote(v)) => {
+                return Ok(AppendEntriesResponse::HigherVote(v))
+            }
+            _ => return self.rpc(Method::AppendEntries, rpc, option).await,
+        }
+        if let Some(e) = &self.eager {
+            e.used.fetch_add(1, Ordering::Relaxed);
+        }
+        if at + 1 == rpc.entries.len() {
+            return Ok(AppendEntriesResponse::Success);
+        }
+        let rest = AppendEntriesRequest::<TypeConfig> {
+            vote: rpc.vote,
+            prev_log_id: Some(eager_last),
+            leader_commit: rpc.leader_commit,
+            entries: rpc.entries[at + 1..].to_vec(),
+        };
+        let sent: Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> =
+            self.rpc(Method::AppendEntries, &rest, option).await;
+        match sent {
+            Ok(AppendEntriesResponse::Success) => Ok(AppendEntriesResponse::Success),
+            Ok(AppendEntriesResponse::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(v)),
+            Ok(AppendEntriesResponse::PartialSuccess(m)) if m > Some(eager_last) => {
+                Ok(AppendEntriesResponse::PartialSuccess(m))
+            }
+            // The follower holds the eager part: report that much.
+            _ => Ok(AppendEntriesResponse::PartialSuccess(Some(eager_last))),
+        }
+    }
 }
 
 /// Holds back AppendEntries whose only news is a higher commit index.
@@ -413,8 +469,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if self.relay.hold_back(&rpc, now) {
             return Ok(AppendEntriesResponse::Success);
         }
-        let result = self.rpc(Method::AppendEntries, &rpc, &option).await;
+        self.stream |= !rpc.entries.is_empty();
+        let result = self.append(&rpc, &option).await;
         self.relay.sent(&rpc, now, result.as_ref().ok());
+        if let (Some(eager), true) = (&self.eager, self.stream) {
+            let matching = match &result {
+                Ok(AppendEntriesResponse::Success) => {
+                    Some(rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id))
+                }
+                Ok(AppendEntriesResponse::PartialSuccess(m)) => Some(*m),
+                _ => None,
+            };
+            match matching {
+                Some(m) => eager.acknowledged(self.target, &self.addr, rpc.vote, m),
+                None => eager.forget(self.target),
+            }
+        }
         result
     }
 

@@ -24,6 +24,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::eager::EagerAppend;
 use crate::election::{Contact, Elections, PreVoteRequest, PreVoteResponse, Timing};
 use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange, NodeError};
 use crate::log_store::LogStore;
@@ -119,6 +120,8 @@ pub struct RaftNode {
     channels: Channels,
     /// Marks writes whose commit must reach followers at once (see `network::Urgency`).
     urgency: Arc<Urgency>,
+    /// Entries sent to followers before the leader's own sync (`eager.rs`).
+    eager: Option<Arc<EagerAppend>>,
     batcher: mpsc::Sender<Pending>,
     request_timeout: Duration,
     election_timeout_max_ms: u64,
@@ -172,8 +175,21 @@ impl RaftNode {
         }
         .validate()
         .context("raft configuration")?;
+        let channels = Channels::new(cfg.tls.clone());
+        // `DRPLANE_EAGER_APPEND=0` turns eager appends off (for comparisons).
+        let eager = (std::env::var("DRPLANE_EAGER_APPEND").as_deref() != Ok("0")).then(|| {
+            Arc::new(EagerAppend::new(
+                cfg.id,
+                channels.clone(),
+                Duration::from_millis(cfg.heartbeat_ms),
+            ))
+        });
+        if let Some(e) = &eager {
+            log_store.set_eager(e.clone());
+        }
         let network = Network {
-            channels: Channels::new(cfg.tls.clone()),
+            eager: eager.clone(),
+            channels,
             commit_hold: Duration::from_millis(cfg.heartbeat_ms),
             urgency: Arc::new(Urgency::new(Duration::from_millis(cfg.heartbeat_ms))),
         };
@@ -207,6 +223,7 @@ impl RaftNode {
             log_store,
             channels,
             urgency,
+            eager,
             batcher: tx,
             request_timeout: cfg.request_timeout,
             election_timeout_max_ms: cfg.election_timeout_max_ms,
@@ -874,6 +891,25 @@ impl RaftNode {
             "AppendEntries carrying only a new commit index that this leader answered itself \
              because the follower had acknowledged the rest (the next message carries it).",
             self.urgency.held_back.load(Ordering::Relaxed),
+        );
+        let (sent, used) = self.eager.as_ref().map_or((0, 0), |e| {
+            (
+                e.sent.load(Ordering::Relaxed),
+                e.used.load(Ordering::Relaxed),
+            )
+        });
+        counter(
+            &mut out,
+            "drplane_raft_eager_appends_total",
+            "Appends whose entries this leader sent to caught-up followers before its own log \
+             sync.",
+            sent,
+        );
+        counter(
+            &mut out,
+            "drplane_raft_eager_answers_used_total",
+            "Follower answers to eager appends that replaced a send of the replication stream.",
+            used,
         );
         counter(
             &mut out,
