@@ -633,4 +633,185 @@ mod tests {
         assert!(!relay.hold_back(&request(2, Some(7), &[], Some(7)), t0));
         assert!(relay.hold_back(&request(2, Some(6), &[], Some(6)), t0));
     }
+
+    /// A follower at a real gRPC address that records every AppendEntries and answers
+    /// the n-th (1-based) with `answer(request, n)`.
+    struct FakeFollower {
+        seen: Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
+        answer: fn(&AppendEntriesRequest<TypeConfig>, usize) -> AppendEntriesResponse<u64>,
+    }
+
+    #[tonic::async_trait]
+    impl crate::pb::raft_server::Raft for FakeFollower {
+        async fn append_entries(
+            &self,
+            request: tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status> {
+            let rpc: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            let n = {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.push(rpc.clone());
+                seen.len()
+            };
+            let answer: Result<AppendEntriesResponse<u64>, RaftError<u64>> =
+                Ok((self.answer)(&rpc, n));
+            let data = encode(&answer).map_err(|e| tonic::Status::internal(e.to_string()))?;
+            Ok(tonic::Response::new(Blob { data }))
+        }
+        async fn vote(
+            &self,
+            _: tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("vote"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("install_snapshot"))
+        }
+        async fn forward(
+            &self,
+            _: tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("forward"))
+        }
+        async fn pre_vote(
+            &self,
+            _: tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("pre_vote"))
+        }
+    }
+
+    /// Starts a fake follower; returns its address and what it saw.
+    async fn fake_follower(
+        answer: fn(&AppendEntriesRequest<TypeConfig>, usize) -> AppendEntriesResponse<u64>,
+    ) -> anyhow::Result<(String, Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let service = crate::pb::raft_server::RaftServer::new(FakeFollower {
+            seen: seen.clone(),
+            answer,
+        });
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        Ok((addr, seen))
+    }
+
+    /// Leader 1 of term 2 with an eager copy of entries 6..=8 on its way to follower 7,
+    /// which acknowledged index 5; and the replication stream's client for 7.
+    fn stream_to(addr: &str) -> (PeerClient, Arc<EagerAppend>) {
+        let channels = Channels::default();
+        let eager = Arc::new(EagerAppend::new(
+            1,
+            channels.clone(),
+            Duration::from_secs(5),
+        ));
+        eager.acknowledged(7, addr, vote(2), Some(id(2, 5)));
+        let entries = request(2, Some(5), &[6, 7, 8], None).entries;
+        assert!(eager.send(&entries, None));
+        let client = PeerClient {
+            target: 7,
+            addr: addr.to_string(),
+            channels,
+            relay: CommitRelay::new(HOLD, Arc::default()),
+            eager: Some(eager.clone()),
+            stream: true,
+        };
+        (client, eager)
+    }
+
+    fn summary(
+        seen: &Mutex<Vec<AppendEntriesRequest<TypeConfig>>>,
+    ) -> Vec<(Option<u64>, Vec<u64>)> {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter()
+            .map(|r| {
+                (
+                    r.prev_log_id.map(|l| l.index),
+                    r.entries.iter().map(|e| e.log_id.index).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_eager_answer_stands_in_and_only_the_rest_is_sent() -> anyhow::Result<()> {
+        let (addr, seen) = fake_follower(|_, _| AppendEntriesResponse::Success).await?;
+        let (mut client, eager) = stream_to(&addr);
+        let option = RPCOption::new(Duration::from_secs(5));
+        let resp = client
+            .append_entries(request(2, Some(5), &[6, 7, 8, 9], Some(5)), option)
+            .await;
+        assert!(
+            matches!(resp, Ok(AppendEntriesResponse::Success)),
+            "{resp:?}"
+        );
+        assert_eq!(
+            summary(&seen),
+            vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9])]
+        );
+        assert_eq!(eager.used.load(Ordering::Relaxed), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_refused_eager_copy_sends_the_whole_request() -> anyhow::Result<()> {
+        let (addr, seen) = fake_follower(|_, n| {
+            if n == 1 {
+                AppendEntriesResponse::Conflict
+            } else {
+                AppendEntriesResponse::Success
+            }
+        })
+        .await?;
+        let (mut client, eager) = stream_to(&addr);
+        let option = RPCOption::new(Duration::from_secs(5));
+        let resp = client
+            .append_entries(request(2, Some(5), &[6, 7, 8], Some(5)), option)
+            .await;
+        assert!(
+            matches!(resp, Ok(AppendEntriesResponse::Success)),
+            "{resp:?}"
+        );
+        assert_eq!(
+            summary(&seen),
+            vec![(Some(5), vec![6, 7, 8]), (Some(5), vec![6, 7, 8])]
+        );
+        assert_eq!(eager.used.load(Ordering::Relaxed), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_refused_rest_reports_only_the_eager_part() -> anyhow::Result<()> {
+        let (addr, seen) = fake_follower(|_, n| {
+            if n == 1 {
+                AppendEntriesResponse::Success
+            } else {
+                AppendEntriesResponse::Conflict
+            }
+        })
+        .await?;
+        let (mut client, _) = stream_to(&addr);
+        let option = RPCOption::new(Duration::from_secs(5));
+        let resp = client
+            .append_entries(request(2, Some(5), &[6, 7, 8, 9, 10], Some(5)), option)
+            .await;
+        assert!(
+            matches!(resp, Ok(AppendEntriesResponse::PartialSuccess(Some(m))) if m == id(2, 8)),
+            "{resp:?}"
+        );
+        assert_eq!(
+            summary(&seen),
+            vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9, 10])]
+        );
+        Ok(())
+    }
 }
