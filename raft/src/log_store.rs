@@ -8,10 +8,10 @@
 //!
 //! Why no separate flusher thread: openraft 0.9 awaits each append's flush inside its core
 //! loop, so a flusher never saw two appends at once (its batch histogram read 1 for every
-//! sync) and only added two thread switches to every write's critical path. The one
-//! exception: when the leader sent the entries eagerly to followers (`eager.rs`), the sync
-//! runs on a blocking thread so that this tokio worker can put those requests on the wire
-//! meanwhile.
+//! sync) and only added two thread switches to every write's critical path. When the
+//! leader sends the entries eagerly to followers (`eager.rs`), `append` yields once before
+//! the sync so that the send tasks it spawned run first. (The sync on a blocking thread
+//! instead was slower: c=1 p50 0.86 / 0.82 / 0.83 against 0.77 / 0.78 / 0.78 ms.)
 //!
 //! Column families: `logs` (big-endian index -> versioned bincode of the entry), `state`
 //! (vote, committed log id, last purged log id) and `scratch` (see [`prime_wal_recycling`]).
@@ -333,8 +333,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let count = entries.len();
         let committed = self.add_committed(&mut batch)?;
         // On the leader, caught-up followers get these entries now, while this sync runs
-        // (`eager.rs`); the sync then goes to a blocking thread so that this tokio worker
-        // can send them meanwhile.
+        // (`eager.rs`).
         let leader_commit = self.committed_id().0;
         let eager = self
             .inner
@@ -350,16 +349,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // packs up to 1024 proposals into one entry, and a follower's append carries up
         // to 512 entries.
         let started = Instant::now();
-        let result = if eager {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || {
-                store.write_synced(batch).map_err(|e| e.to_string())
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("log sync thread failed: {e}")))
-        } else {
-            self.write_synced(batch).map_err(|e| e.to_string())
-        };
+        if eager {
+            // Let this worker run the send tasks just spawned (they sit in its LIFO slot,
+            // which other workers cannot steal) before it blocks in the sync.
+            tokio::task::yield_now().await;
+        }
+        let result = self.write_synced(batch).map_err(|e| e.to_string());
         self.inner
             .metrics
             .log_sync_seconds
