@@ -635,10 +635,11 @@ mod tests {
     }
 
     /// A follower at a real gRPC address that records every AppendEntries and answers
-    /// the n-th (1-based) with `answer(request, n)`.
+    /// the first with `first`, every later one with `then`.
     struct FakeFollower {
         seen: Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
-        answer: fn(&AppendEntriesRequest<TypeConfig>, usize) -> AppendEntriesResponse<u64>,
+        first: fn() -> AppendEntriesResponse<u64>,
+        then: fn() -> AppendEntriesResponse<u64>,
     }
 
     #[tonic::async_trait]
@@ -654,8 +655,11 @@ mod tests {
                 seen.push(rpc.clone());
                 seen.len()
             };
-            let answer: Result<AppendEntriesResponse<u64>, RaftError<u64>> =
-                Ok((self.answer)(&rpc, n));
+            let answer: Result<AppendEntriesResponse<u64>, RaftError<u64>> = Ok(if n == 1 {
+                (self.first)()
+            } else {
+                (self.then)()
+            });
             let data = encode(&answer).map_err(|e| tonic::Status::internal(e.to_string()))?;
             Ok(tonic::Response::new(Blob { data }))
         }
@@ -685,16 +689,29 @@ mod tests {
         }
     }
 
-    /// Starts a fake follower; returns its address and what it saw.
-    async fn fake_follower(
-        answer: fn(&AppendEntriesRequest<TypeConfig>, usize) -> AppendEntriesResponse<u64>,
-    ) -> anyhow::Result<(String, Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>)> {
+    /// What one AppendEntries did: openraft's answer, the requests the follower saw as
+    /// (prev index, entry indexes), and how many eager answers were used.
+    type Outcome = (
+        Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>>,
+        Vec<(Option<u64>, Vec<u64>)>,
+        u64,
+    );
+
+    /// Leader 1 of term 2 sends entries 6..=8 eagerly to follower 7 (a fake on a real
+    /// gRPC server that acknowledged index 5 and answers `first`, then `then`); then the
+    /// replication stream sends `entries` after index 5.
+    async fn replicate(
+        first: fn() -> AppendEntriesResponse<u64>,
+        then: fn() -> AppendEntriesResponse<u64>,
+        entries: &[u64],
+    ) -> anyhow::Result<Outcome> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let service = crate::pb::raft_server::RaftServer::new(FakeFollower {
             seen: seen.clone(),
-            answer,
+            first,
+            then,
         });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tokio::spawn(
@@ -702,116 +719,84 @@ mod tests {
                 .add_service(service)
                 .serve_with_incoming(incoming),
         );
-        Ok((addr, seen))
-    }
 
-    /// Leader 1 of term 2 with an eager copy of entries 6..=8 on its way to follower 7,
-    /// which acknowledged index 5; and the replication stream's client for 7.
-    fn stream_to(addr: &str) -> (PeerClient, Arc<EagerAppend>) {
         let channels = Channels::default();
         let eager = Arc::new(EagerAppend::new(
             1,
             channels.clone(),
             Duration::from_secs(5),
         ));
-        eager.acknowledged(7, addr, vote(2), Some(id(2, 5)));
-        let entries = request(2, Some(5), &[6, 7, 8], None).entries;
-        assert!(eager.send(&entries, None));
-        let client = PeerClient {
+        eager.acknowledged(7, &addr, vote(2), Some(id(2, 5)));
+        assert!(eager.send(&request(2, Some(5), &[6, 7, 8], None).entries, None));
+        let mut client = PeerClient {
             target: 7,
-            addr: addr.to_string(),
+            addr,
             channels,
             relay: CommitRelay::new(HOLD, Arc::default()),
             eager: Some(eager.clone()),
             stream: true,
         };
-        (client, eager)
-    }
-
-    fn summary(
-        seen: &Mutex<Vec<AppendEntriesRequest<TypeConfig>>>,
-    ) -> Vec<(Option<u64>, Vec<u64>)> {
-        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.iter()
+        let option = RPCOption::new(Duration::from_secs(5));
+        let resp = client
+            .append_entries(request(2, Some(5), entries, Some(5)), option)
+            .await;
+        let seen = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
             .map(|r| {
                 (
                     r.prev_log_id.map(|l| l.index),
                     r.entries.iter().map(|e| e.log_id.index).collect(),
                 )
             })
-            .collect()
+            .collect();
+        Ok((resp, seen, eager.used.load(Ordering::Relaxed)))
+    }
+
+    fn success() -> AppendEntriesResponse<u64> {
+        AppendEntriesResponse::Success
+    }
+
+    fn conflict() -> AppendEntriesResponse<u64> {
+        AppendEntriesResponse::Conflict
     }
 
     #[tokio::test]
     async fn the_eager_answer_stands_in_and_only_the_rest_is_sent() -> anyhow::Result<()> {
-        let (addr, seen) = fake_follower(|_, _| AppendEntriesResponse::Success).await?;
-        let (mut client, eager) = stream_to(&addr);
-        let option = RPCOption::new(Duration::from_secs(5));
-        let resp = client
-            .append_entries(request(2, Some(5), &[6, 7, 8, 9], Some(5)), option)
-            .await;
+        let (resp, seen, used) = replicate(success, success, &[6, 7, 8, 9]).await?;
         assert!(
             matches!(resp, Ok(AppendEntriesResponse::Success)),
             "{resp:?}"
         );
-        assert_eq!(
-            summary(&seen),
-            vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9])]
-        );
-        assert_eq!(eager.used.load(Ordering::Relaxed), 1);
+        assert_eq!(seen, vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9])]);
+        assert_eq!(used, 1);
         Ok(())
     }
 
     #[tokio::test]
     async fn a_refused_eager_copy_sends_the_whole_request() -> anyhow::Result<()> {
-        let (addr, seen) = fake_follower(|_, n| {
-            if n == 1 {
-                AppendEntriesResponse::Conflict
-            } else {
-                AppendEntriesResponse::Success
-            }
-        })
-        .await?;
-        let (mut client, eager) = stream_to(&addr);
-        let option = RPCOption::new(Duration::from_secs(5));
-        let resp = client
-            .append_entries(request(2, Some(5), &[6, 7, 8], Some(5)), option)
-            .await;
+        let (resp, seen, used) = replicate(conflict, success, &[6, 7, 8]).await?;
         assert!(
             matches!(resp, Ok(AppendEntriesResponse::Success)),
             "{resp:?}"
         );
         assert_eq!(
-            summary(&seen),
+            seen,
             vec![(Some(5), vec![6, 7, 8]), (Some(5), vec![6, 7, 8])]
         );
-        assert_eq!(eager.used.load(Ordering::Relaxed), 0);
+        assert_eq!(used, 0);
         Ok(())
     }
 
     #[tokio::test]
     async fn a_refused_rest_reports_only_the_eager_part() -> anyhow::Result<()> {
-        let (addr, seen) = fake_follower(|_, n| {
-            if n == 1 {
-                AppendEntriesResponse::Success
-            } else {
-                AppendEntriesResponse::Conflict
-            }
-        })
-        .await?;
-        let (mut client, _) = stream_to(&addr);
-        let option = RPCOption::new(Duration::from_secs(5));
-        let resp = client
-            .append_entries(request(2, Some(5), &[6, 7, 8, 9, 10], Some(5)), option)
-            .await;
+        let (resp, seen, _) = replicate(success, conflict, &[6, 7, 8, 9, 10]).await?;
         assert!(
             matches!(resp, Ok(AppendEntriesResponse::PartialSuccess(Some(m))) if m == id(2, 8)),
             "{resp:?}"
         );
-        assert_eq!(
-            summary(&seen),
-            vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9, 10])]
-        );
+        assert_eq!(seen, vec![(Some(5), vec![6, 7, 8]), (Some(8), vec![9, 10])]);
         Ok(())
     }
 }
